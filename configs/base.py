@@ -1,0 +1,64 @@
+"""The defaults every experiment starts from. Not a run by itself: experiments call `get_config()` and edit."""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                              # params init, data order, sampling
+  c.stage = "pretrain"                    # pretrain (sft and dpo come in later stages)
+  c.init_from = ""                        # a workdir or checkpoint to start from ("" = from scratch)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.size = size                     # preset in jaxllm/model.py: tiny small 124m 1b 7b 70b
+  for key, kind in (("vocab_size", int), ("d_model", int), ("num_layers", int), ("num_heads", int),
+                    ("num_kv_heads", int), ("head_dim", int), ("mlp_dim", int), ("rope_theta", float),
+                    ("norm_eps", float), ("tie_embeddings", bool), ("qkv_bias", bool)):
+    c.model[key] = config_dict.placeholder(kind)  # unset = the preset's value (vocab: the tokenizer's)
+  c.model.dtype = "float32"               # compute dtype (params stay float32): float32 | bfloat16
+  c.model.scan_layers = True              # nn.scan over layers: one compiled layer, fast compiles
+  c.model.remat_policy = "none"           # none | full | dots | dots_no_batch | save_attn_out
+
+  c.data = ml_collections.ConfigDict()
+  c.data.sources = "stdlib"               # "stdlib" (Python's own sources, no download) or globs of .txt/.jsonl
+  c.data.validation_fraction = 0.02       # held-out share, chosen deterministically by file (or document)
+  c.data.tokenizer = ml_collections.ConfigDict()
+  c.data.tokenizer.path = ""              # a sentencepiece .model; "" = train one on the corpus
+  c.data.tokenizer.vocab_size = 2048      # when training one
+  c.data.tokenizer.model_type = "bpe"     # bpe | unigram
+  c.data.tokenizer.max_sentences = 200_000  # lines sampled to train it
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000                    # optimizer steps
+  c.train.batch_size = 32                 # sequences per step, all devices and micro-batches together
+  c.train.grad_accum = 1                  # micro-batches per step (batch_size must divide)
+  c.train.seq_len = 256                   # tokens per sequence
+  c.train.z_loss = 0.0                    # weight of logsumexp² (PaLM uses 1e-4)
+  c.train.log_every = 10                  # steps between metrics rows
+  c.train.eval_every = 200                # steps between validation passes (and at the end)
+  c.train.eval_batches = 8                # validation batches per pass (0 = no eval)
+  c.train.checkpoint_every = 200          # steps between checkpoints (and at the end)
+  c.train.keep_checkpoints = 3            # newest checkpoints kept
+  c.train.nan_policy = "abort"            # abort: stop with a message | skip: drop the update, count it
+  c.train.num_samples = 3                 # samples printed at the end
+  c.train.sample_tokens = 64              # new tokens per sample
+  c.train.sample_prompts = ("def ", "class ", "import ")  # prompts of the samples printed at the end
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-4        # peak
+  c.optimizer.schedule = "cosine"         # cosine (warmup + cosine) | wsd (warmup-stable-decay) | constant
+  c.optimizer.warmup_steps = 100          # linear warmup from 0
+  c.optimizer.decay_fraction = 0.2        # wsd: share of steps spent decaying to the end
+  c.optimizer.min_lr_ratio = 0.1          # final lr / peak lr
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1          # decoupled, on matrices only
+  c.optimizer.grad_clip = 1.0             # global-norm clip (0 = off)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                        # data-parallel replicas (-1 = all devices left)
+  c.mesh.fsdp = 1                         # parameter/optimizer sharding
+  c.mesh.tensor = 1                       # tensor parallelism (heads, mlp, vocab)
+  return c

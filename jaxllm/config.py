@@ -1,0 +1,130 @@
+"""Config helpers: `parse_arg` for `get_config(arg)`, and `validate`, which checks a resolved config before
+anything is compiled and names the offending key."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+
+import ml_collections
+
+from jaxllm import model as model_lib
+
+STAGES = ("pretrain",)
+SCHEDULES = ("cosine", "wsd", "constant")
+NAN_POLICIES = ("abort", "skip")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message starts with the key."""
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'size=tiny,lora=True' into a ConfigDict; keys must be among `defaults`, values take their types."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ConfigError(f"config arg {item!r} is not of the form key=value")
+    if key not in defaults:
+      raise ConfigError(f"config arg {key!r} is unknown; known: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(f"config arg {key}={value!r} is not a bool")
+      out[key] = value.lower() in ("true", "1")
+    elif isinstance(default, (int, float)):
+      try:
+        out[key] = type(default)(ast.literal_eval(value))
+      except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"config arg {key}={value!r} is not a {type(default).__name__}") from e
+    else:
+      out[key] = value
+  return out
+
+
+def _check(cond: bool, key: str, message: str):
+  if not cond:
+    raise ConfigError(f"{key}: {message}")
+
+
+def model_overrides(config) -> dict:
+  """The config.model fields that override the preset (all but `size`), None where unset."""
+  return {k: v for k, v in config.model.items() if k != "size"}
+
+
+def resolve_model(config, vocab_size: int) -> model_lib.ModelConfig:
+  """The frozen ModelConfig the model sees, built in this one place. `vocab_size` is the tokenizer's."""
+  overrides = model_overrides(config)
+  preset_vocab = model_lib.PRESETS[config.model.size]["vocab_size"]
+  vocab = overrides.pop("vocab_size") or preset_vocab or vocab_size
+  if vocab < vocab_size:
+    raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's vocabulary ({vocab_size}); "
+                      "the embedding cannot hold every token id")
+  try:
+    return model_lib.model_config(config.model.size, vocab_size=vocab, **overrides)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(str(e)) from e
+
+
+def validate(config, num_devices: int | None = None):
+  """Checks a resolved config; raises ConfigError naming the key. Cheap: compiles nothing."""
+  c = config
+  _check(c.stage in STAGES, "stage", f"{c.stage!r} is not one of {STAGES}")
+  _check(c.model.size in model_lib.PRESETS, "model.size",
+         f"{c.model.size!r} is not a preset; choose from {sorted(model_lib.PRESETS)}")
+  fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+  for key in model_overrides(c):
+    _check(key in fields, f"model.{key}", "is not a ModelConfig field")
+  _check(c.model.remat_policy in model_lib.REMAT_POLICIES, "model.remat_policy",
+         f"{c.model.remat_policy!r} is not one of {sorted(model_lib.REMAT_POLICIES)}")
+  _check(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"{c.model.dtype!r} is not a dtype")
+  t = c.train
+  _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+  _check(t.seq_len > 0, "train.seq_len", f"must be > 0, got {t.seq_len}")
+  _check(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
+  _check(t.grad_accum > 0, "train.grad_accum", f"must be > 0, got {t.grad_accum}")
+  _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
+         f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    _check(t[key] > 0, f"train.{key}", f"must be > 0, got {t[key]}")
+  _check(t.eval_batches >= 0, "train.eval_batches", f"must be >= 0, got {t.eval_batches}")
+  _check(t.keep_checkpoints > 0, "train.keep_checkpoints", f"must be > 0, got {t.keep_checkpoints}")
+  _check(t.nan_policy in NAN_POLICIES, "train.nan_policy", f"{t.nan_policy!r} is not one of {NAN_POLICIES}")
+  _check(t.z_loss >= 0, "train.z_loss", f"must be >= 0, got {t.z_loss}")
+  o = c.optimizer
+  _check(o.learning_rate > 0, "optimizer.learning_rate", f"must be > 0, got {o.learning_rate}")
+  _check(o.schedule in SCHEDULES, "optimizer.schedule", f"{o.schedule!r} is not one of {SCHEDULES}")
+  _check(0 <= o.warmup_steps <= t.steps, "optimizer.warmup_steps",
+         f"{o.warmup_steps} must be in [0, train.steps={t.steps}]")
+  _check(0 <= o.decay_fraction <= 1, "optimizer.decay_fraction", f"{o.decay_fraction} must be in [0, 1]")
+  _check(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", f"{o.min_lr_ratio} must be in [0, 1]")
+  _check(o.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
+  _check(c.data.tokenizer.path or c.data.tokenizer.vocab_size >= 260, "data.tokenizer.vocab_size",
+         f"{c.data.tokenizer.vocab_size} is too small for byte fallback (needs >= 260)")
+  _check(0 < c.data.validation_fraction < 1, "data.validation_fraction",
+         f"{c.data.validation_fraction} must be in (0, 1)")
+  validate_mesh(c, num_devices)
+
+
+def validate_mesh(config, num_devices: int | None):
+  """Mesh axes must multiply to the device count and the batch must divide over the data-parallel axes."""
+  import jax  # local: validating the rest of the config must not initialise a backend
+
+  m = config.mesh
+  n = num_devices or jax.device_count()
+  sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.tensor": m.tensor}
+  for key, v in sizes.items():
+    _check(v == -1 or v >= 1, key, f"must be >= 1 or -1 (fill), got {v}")
+  _check(list(sizes.values()).count(-1) <= 1, "mesh", "at most one of mesh.data/fsdp/tensor may be -1")
+  known = 1
+  for v in sizes.values():
+    known *= v if v > 0 else 1
+  _check(n % known == 0, "mesh", f"data*fsdp*tensor={known} does not divide the {n} devices")
+  if -1 not in sizes.values():
+    _check(known == n, "mesh", f"data*fsdp*tensor={known} != the {n} available devices")
+  data_parallel = (m.data if m.data > 0 else n // known) * (m.fsdp if m.fsdp > 0 else n // known)
+  micro = config.train.batch_size // config.train.grad_accum
+  _check(micro % data_parallel == 0, "train.batch_size",
+         f"the micro-batch batch_size/grad_accum={micro} is not divisible by the data-parallel size "
+         f"mesh.data*mesh.fsdp={data_parallel}")

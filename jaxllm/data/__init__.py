@@ -1,0 +1,5 @@
+"""Data: tokenizer, document sources and the grain pretraining pipeline."""
+
+from jaxllm.data.pipeline import pretrain_dataset, shift_for_next_token
+from jaxllm.data.sources import DataError, documents
+from jaxllm.data.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, train_tokenizer

@@ -1,0 +1,109 @@
+"""Pretraining batches from documents: tokenize, pack without padding, shift for next-token loss.
+
+Shape letters: B = batch size, L = seq_len (tokens seen by the model per row).
+
+Each batch is a dict of numpy arrays of shape [B, L]:
+  inputs, targets    int32    targets[:, t] is the token after inputs[:, t]
+  segment_ids        int32    1, 2, ... per document piece within a row; 0 = padding
+  positions          int32    position within the document piece (restarts at 0 in each row)
+  loss_mask          float32  1 where the target continues the same document piece
+
+Packing is grain's ConcatThenSplit over rows of L + 1 tokens: documents (each ending in EOS) are
+concatenated and cut into rows. A document cut at a row boundary continues in the next row as a
+new piece, with a new segment id and positions from 0 again, so the model never attends across
+rows. Rows do not overlap: the target of a row's last input is still in that row.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from jaxllm.data.tokenizer import Tokenizer
+
+
+def pretrain_dataset(
+    docs: Sequence[str],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    repeat: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle_window: int = 1024,
+) -> grain.IterDataset:
+  """Batches of packed next-token rows from `docs` (a random-access sequence of strings).
+
+  This process reads documents process_index, process_index + process_count, ...; shuffling
+  (with `seed`) happens within that shard and differs between epochs. With repeat=False (for
+  evaluation) the stream ends after one pass: the last row is padded (segment 0, pad tokens) and
+  the last partial batch is dropped. `iter(ds)` supports get_state() / set_state().
+
+  A long document fills many consecutive rows, so with shuffle=True the packed rows are also shuffled
+  within windows of `shuffle_window` rows: a batch then mixes many documents.
+  """
+  ds = grain.MapDataset.source(docs)[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed)
+  if repeat:
+    ds = ds.repeat()  # reseeds the shuffle each epoch
+  ds = ds.filter(_is_nonempty).map(functools.partial(_tokenize, tokenizer=tokenizer))
+  ds = grain.experimental.ConcatThenSplitIterDataset(
+      ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
+  ds = _JsonSafeState(ds)
+  if shuffle and shuffle_window > 1:
+    ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
+  ds = ds.map(functools.partial(shift_for_next_token, pad_id=tokenizer.pad_id))
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def shift_for_next_token(row: dict, pad_id: int = 0) -> dict:
+  """A packed row of L + 1 tokens (grain's `tokens`, `tokens_segment_ids`, `tokens_positions`)
+  -> inputs/targets/segment_ids/positions/loss_mask of length L. Padding becomes pad_id."""
+  segment_ids = row["tokens_segment_ids"].astype(np.int32)
+  tokens = np.where(segment_ids > 0, row["tokens"], pad_id).astype(np.int32)
+  same_piece = (segment_ids[1:] == segment_ids[:-1]) & (segment_ids[1:] > 0)
+  return {
+      "inputs": tokens[:-1],
+      "targets": tokens[1:],
+      "segment_ids": segment_ids[:-1],
+      "positions": row["tokens_positions"][:-1].astype(np.int32),
+      "loss_mask": same_piece.astype(np.float32),
+  }
+
+
+def _is_nonempty(text: str) -> bool:
+  return len(text) > 0
+
+
+def _tokenize(text: str, tokenizer: Tokenizer) -> dict:
+  """Document text -> {"tokens": int32 ids followed by EOS}."""
+  return {"tokens": np.asarray(tokenizer.encode(text) + [tokenizer.eos_id], np.int32)}
+
+
+class _JsonSafeState(grain.IterDataset):
+  """ConcatThenSplit whose state survives a JSON round trip (as in grain's orbax handler).
+
+  grain 0.2.18 marks "no remainder" with the slice tuple (-1, -1); JSON turns it into a list,
+  which no longer compares equal, and restoring such a state silently corrupts the stream.
+  """
+
+  def __iter__(self):
+    return _JsonSafeStateIterator(self._parent.__iter__())
+
+
+class _JsonSafeStateIterator(grain.DatasetIterator):
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+    self._parent.set_state({**state, "remainder_slices": slices})

@@ -1,0 +1,163 @@
+"""Document sources: random-access sequences of strings, one per document.
+
+`documents(spec, split)` returns a `FileDocuments` that lists where each document lives
+(file id, byte offset) and reads it lazily in `__getitem__`, so it can be a grain
+MapDataset source, be pickled, and be read from several threads.
+
+  spec "stdlib": the running Python's standard library `.py` files (no download needed),
+                 one document per file; split by file with crc32 of the relative path.
+  otherwise:     comma-separated globs (`**` allowed) of .txt/.text/.md files (one document
+                 per file) and .jsonl files (one document per line, its "text" field);
+                 split by document with crc32 of f"{file}:{line}" (line 0 for whole files).
+"""
+
+import array
+import glob
+import json
+import os
+import sysconfig
+import zlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test",
+                        "__pycache__"}
+WHOLE_FILE = -1  # offset meaning "the document is the whole file"
+
+
+class DataError(ValueError):
+  """A problem with the input data: names the file (and 1-based line) at fault."""
+
+
+class FileDocuments(Sequence):
+  """Documents stored in files: document i is file `paths[file_ids[i]]` at byte `offsets[i]`.
+
+  An offset of WHOLE_FILE means the whole file is the document; any other offset is the start
+  of a JSONL line whose "text" field is the document.
+  """
+
+  def __init__(self, paths: Sequence[str], file_ids: np.ndarray, offsets: np.ndarray):
+    self.paths = list(paths)
+    self.file_ids = np.asarray(file_ids, np.int32)
+    self.offsets = np.asarray(offsets, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  def __getitem__(self, i: int) -> str:
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"document {i} out of range for {len(self)} documents")
+    path, offset = self.paths[self.file_ids[i]], int(self.offsets[i])
+    if offset == WHOLE_FILE:
+      with open(path, encoding="utf-8") as f:
+        return f.read()
+    with open(path, "rb") as f:
+      f.seek(offset)
+      return json.loads(f.readline())["text"]
+
+
+def documents(spec: str, split: str, *, validation_fraction: float = 0.02) -> FileDocuments:
+  """The documents of `split` ("train" or "validation") described by `spec` (see module doc)."""
+  if split not in ("train", "validation"):
+    raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+  if spec == "stdlib":
+    paths, file_ids, offsets, buckets = _index_stdlib()
+  else:
+    paths, file_ids, offsets, buckets = _index_globs(spec)
+  in_validation = buckets < validation_fraction * 10_000
+  keep = in_validation if split == "validation" else ~in_validation
+  if not keep.any():
+    raise DataError(f"spec {spec!r} has no documents in split {split!r} "
+                    f"(validation_fraction={validation_fraction})")
+  return FileDocuments(paths, file_ids[keep], offsets[keep])
+
+
+def stdlib_files() -> tuple[str, list[str]]:
+  """(root, sorted relative paths) of the stdlib .py files, without tests and site-packages."""
+  root = sysconfig.get_paths()["stdlib"]
+  relative_paths = []
+  for directory, subdirs, files in os.walk(root):
+    subdirs[:] = [d for d in subdirs if d not in STDLIB_EXCLUDED_DIRS]
+    for name in files:
+      if name.endswith(".py"):
+        relative_paths.append(os.path.relpath(os.path.join(directory, name), root))
+  return root, sorted(p.replace(os.sep, "/") for p in relative_paths)
+
+
+def _index_stdlib():
+  """Whole-file documents for the non-empty, utf-8 stdlib files, bucketed by relative path."""
+  root, relative_paths = stdlib_files()
+  kept = []
+  for rel in relative_paths:
+    try:
+      with open(os.path.join(root, rel), encoding="utf-8") as f:
+        if f.read().strip():
+          kept.append(rel)
+    except UnicodeDecodeError:
+      continue
+  paths = [os.path.join(root, rel) for rel in kept]
+  file_ids = np.arange(len(paths), dtype=np.int32)
+  offsets = np.full(len(paths), WHOLE_FILE, np.int64)
+  return paths, file_ids, offsets, np.array([_bucket(rel) for rel in kept], np.int32)
+
+
+def _index_globs(spec: str):
+  """Documents of the files matched by the comma-separated globs in `spec`."""
+  paths = set()
+  for pattern in (p.strip() for p in spec.split(",") if p.strip()):
+    matched = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    if not matched:
+      raise DataError(f"glob {pattern!r} matches no file")
+    paths.update(matched)
+  paths = sorted(paths)
+  file_ids, offsets, buckets = array.array("i"), array.array("q"), array.array("i")
+  for file_id, path in enumerate(paths):
+    if path.endswith(JSONL_SUFFIXES):
+      entries = _index_jsonl(path)
+    elif path.endswith(TEXT_SUFFIXES):
+      entries = [(WHOLE_FILE, 0)] if _check_text_file(path) else []
+    else:
+      raise DataError(f"{path}: unsupported file type (use {TEXT_SUFFIXES + JSONL_SUFFIXES})")
+    count = len(offsets)
+    for offset, line_number in entries:
+      file_ids.append(file_id)
+      offsets.append(offset)
+      buckets.append(_bucket(f"{path}:{line_number}"))
+    if len(offsets) == count:
+      raise DataError(f"{path}: empty file (no documents)")
+  return paths, *(np.frombuffer(a, np.dtype(a.typecode)) for a in (file_ids, offsets, buckets))
+
+
+def _bucket(key: str) -> int:
+  """A document's split bucket in [0, 10000): it is in validation iff bucket < fraction * 10000."""
+  return zlib.crc32(key.encode()) % 10_000
+
+
+def _check_text_file(path: str) -> bool:
+  """True if the file is non-empty; raises DataError if it is not valid utf-8."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not valid utf-8 ({e})") from None
+  return len(data) > 0
+
+
+def _index_jsonl(path: str) -> Iterator[tuple[int, int]]:
+  """Yields (byte offset, 1-based line number) of each non-blank line, validated strictly."""
+  offset = 0
+  with open(path, "rb") as f:
+    for line_number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          record = json.loads(line)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+          raise DataError(f"{path}:{line_number}: invalid JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+          raise DataError(f"{path}:{line_number}: no string 'text' field")
+        yield offset, line_number
+      offset += len(line)

@@ -1,0 +1,123 @@
+"""A sentencepiece tokenizer that round-trips any text exactly, and its in-memory trainer.
+
+Ids: pad=0, unk=1, bos=2, eos=3, then the special tokens (<|system|>, ...), then 256 byte pieces
+(byte fallback: text never seen in training, e.g. Chinese, still encodes and decodes exactly),
+then learned pieces.
+"""
+
+import hashlib
+import io
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+DEFAULT_SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+class Tokenizer:
+  """Text <-> token ids. Build with `from_file`, `from_bytes` or `train_tokenizer`."""
+
+  def __init__(self, processor: spm.SentencePieceProcessor):
+    self._sp = processor
+
+  @classmethod
+  def from_bytes(cls, model_proto: bytes) -> "Tokenizer":
+    return cls(spm.SentencePieceProcessor(model_proto=model_proto))
+
+  @classmethod
+  def from_file(cls, path: str) -> "Tokenizer":
+    with open(path, "rb") as f:
+      return cls.from_bytes(f.read())
+
+  def __getstate__(self):  # picklable, e.g. for grain worker processes
+    return self.model_bytes
+
+  def __setstate__(self, model_proto: bytes):
+    self.__init__(spm.SentencePieceProcessor(model_proto=model_proto))
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without BOS or EOS."""
+    return self._sp.encode(text)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`; pad and ids outside [0, vocab_size) are skipped."""
+    ids = [int(i) for i in ids]
+    return self._sp.decode([i for i in ids if 0 <= i < self.vocab_size and i != self.pad_id])
+
+  def token_id(self, piece: str) -> int:
+    """The id of a single piece (e.g. a special token); KeyError if it is not in the vocab."""
+    token = self._sp.piece_to_id(piece)
+    if token == self._sp.unk_id() and piece != self._sp.id_to_piece(token):
+      raise KeyError(f"piece {piece!r} is not in the tokenizer vocabulary")
+    return token
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def model_bytes(self) -> bytes:
+    """The serialized sentencepiece ModelProto."""
+    return self._sp.serialized_model_proto()
+
+  @property
+  def sha256(self) -> str:
+    return hashlib.sha256(self.model_bytes).hexdigest()
+
+  def save(self, path: str) -> None:
+    with open(path, "wb") as f:
+      f.write(self.model_bytes)
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    max_sentences: int = 300_000,
+    seed: int = 0,
+) -> Tokenizer:
+  """Trains a byte-fallback sentencepiece model in memory; same inputs give the same bytes.
+
+  Sentencepiece trains on lines, so the non-empty lines of `texts` are the training sentences;
+  if there are more than `max_sentences`, a random subset (drawn with `seed`) is used.
+  """
+  lines = [line for text in texts for line in text.split("\n") if line]
+  if len(lines) > max_sentences:
+    keep = np.random.default_rng(seed).choice(len(lines), max_sentences, replace=False)
+    lines = [lines[i] for i in np.sort(keep)]
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      user_defined_symbols=list(special_tokens),
+      pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+      byte_fallback=True,
+      # Exact round trip: no normalization, keep every space, tab and leading space.
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      split_digits=True,
+      character_coverage=0.9995,  # rare characters go to byte fallback
+      max_sentence_length=16_384,  # bytes; longer lines are skipped by the trainer
+      num_threads=1,  # the model depends on the thread count: 1 makes it machine-independent
+      minloglevel=2,
+  )
+  return Tokenizer.from_bytes(model.getvalue())

@@ -1,0 +1,298 @@
+"""Train state, the jitted step, and the loop.
+
+  python -m jaxllm.train --config configs/pretrain_tiny.py --workdir runs/pretrain_tiny [--config.a.b=value ...]
+
+Running the same command again on the same workdir resumes from the newest checkpoint, data position included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxllm import checkpoint as ckpt_lib
+from jaxllm import config as config_lib
+from jaxllm import generate, metrics as metrics_lib, model as model_lib, objectives, optim, sharding
+from jaxllm.data import pipeline, sources
+from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array       # optimizer steps taken (= batches consumed)
+  params: Any           # the trainable tree
+  opt_state: Any
+  skipped: jax.Array    # steps whose update was dropped for a non-finite loss or gradient
+
+
+def init_state(rng, *, init_trainable, tx) -> TrainState:
+  """Boxed (logically partitioned) state: eval_shape of this gives the shardings, unboxing gives the state."""
+  params = init_trainable(rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    skipped=jnp.zeros((), jnp.int32))
+
+
+def train_step(state: TrainState, batch, frozen, *, loss_fn, tx, lr_schedule, grad_accum: int):
+  """One optimizer step on `batch` ([batch_size, T] leaves), split into `grad_accum` micro-batches.
+
+  Gradients are of the summed loss and divided by the summed weight of the whole batch, so accumulation and
+  data parallelism give the same update as one big batch. A non-finite loss or gradient leaves params and
+  optimizer state unchanged (the loop then aborts or skips, per train.nan_policy).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def sums(micro_batch):
+    (loss_sum, (weight, aux)), grads = grad_fn(state.params, micro_batch, frozen)
+    return loss_sum, weight, aux, grads
+
+  if grad_accum == 1:
+    loss_sum, weight, aux, grads = sums(batch)
+  else:
+    # Micro-batch a takes rows a, a+A, a+2A, ...: every micro-batch spans every data-parallel shard.
+    micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, jax.tree.map(lambda x: x[0], micro)))
+    add = lambda acc, mb: (jax.tree.map(jnp.add, acc, sums(mb)), None)
+    (loss_sum, weight, aux, grads), _ = jax.lax.scan(add, zeros, micro)
+
+  weight = jnp.maximum(weight, 1e-8)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  loss, grad_norm = loss_sum / weight, optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + (~finite))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step),
+             "finite": finite, "skipped_steps": new_state.skipped, **{k: v / weight for k, v in aux.items()}}
+  return new_state, metrics
+
+
+def eval_step(params, batch, frozen, *, eval_fn):
+  loss_sum, (weight, _) = eval_fn(params, batch, frozen)
+  return loss_sum, weight
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def prepare_tokenizer(config, workdir: str, train_docs) -> Tokenizer:
+  """The run's tokenizer: the workdir's (a resumed run), the configured path, or one trained on the corpus."""
+  saved = os.path.join(workdir, "tokenizer.model")
+  path = config.data.tokenizer.path
+  if path and not os.path.exists(path):
+    raise FileNotFoundError(f"data.tokenizer.path: no file {path!r}")
+  if os.path.exists(saved):
+    tok = Tokenizer.from_file(saved)
+    if path and Tokenizer.from_file(path).sha256 != tok.sha256:
+      raise ValueError(f"data.tokenizer.path: {path!r} differs from the tokenizer this run was started with "
+                       f"({saved}); resume with the same tokenizer or use a new workdir")
+    return tok
+  if path:
+    tok = Tokenizer.from_file(path)
+  else:
+    t = config.data.tokenizer
+    start = time.time()
+    tok = train_tokenizer((train_docs[i] for i in range(len(train_docs))), vocab_size=t.vocab_size,
+                          model_type=t.model_type, max_sentences=t.max_sentences, seed=config.seed)
+    _log(f"trained a {tok.vocab_size}-piece sentencepiece tokenizer in {time.time() - start:.1f}s")
+  if jax.process_index() == 0:
+    tok.save(saved)
+  return tok
+
+
+def resolved_config_dict(config, model_cfg: model_lib.ModelConfig) -> dict:
+  """config.json: the config as run, with the model fields resolved from the preset and the tokenizer."""
+  out = config.to_dict()
+  out["model"].update(dataclasses.asdict(model_cfg))
+  return out
+
+
+def _log(message: str):
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def _eval_batches(config, docs, tokenizer) -> list[dict]:
+  t = config.train
+  ds = pipeline.pretrain_dataset(docs, tokenizer, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
+                                 seed=config.seed, shuffle=False, repeat=False,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+  batches = [b for _, b in zip(range(t.eval_batches), ds)]
+  if t.eval_batches and not batches:
+    raise ValueError(f"data.validation_fraction: the validation split of {config.data.sources!r} is too small "
+                     f"for one batch of {t.batch_size}x{t.seq_len} tokens")
+  return batches
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
+  """Trains per `config` in `workdir` (resuming if it holds a checkpoint). Returns the last metrics.
+
+  `stop_after=k` ends the process's work after step k as if it were killed there (for tests of resume).
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  t = config.train
+  train_docs = sources.documents(config.data.sources, "train", validation_fraction=config.data.validation_fraction)
+  val_docs = sources.documents(config.data.sources, "validation",
+                               validation_fraction=config.data.validation_fraction)
+  tokenizer = prepare_tokenizer(config, workdir, train_docs)
+  model_cfg = config_lib.resolve_model(config, tokenizer.vocab_size)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(resolved_config_dict(config, model_cfg), f, indent=2)
+
+  mesh = sharding.make_mesh(config.mesh)
+  objective = objectives.make(model_cfg, config)
+  tx = optim.optimizer(config.optimizer, t.steps)
+  lr_schedule = optim.schedule(config.optimizer, t.steps)
+  init_boxed = functools.partial(init_state, init_trainable=objective.init_trainable, tx=tx)
+  rng = jax.random.key(config.seed)
+  abstract_boxed = jax.eval_shape(init_boxed, rng)
+  state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  train_ds = pipeline.pretrain_dataset(
+      train_docs, tokenizer, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(), seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = iter(train_ds)
+  eval_batches = [sharding.put_batch(b, batch_sharding) for b in _eval_batches(config, val_docs, tokenizer)]
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  meta = {"tokenizer_sha256": tokenizer.sha256, "model": dataclasses.asdict(model_cfg)}
+  start_step = checkpointer.latest_step()
+  if start_step is not None:
+    saved_meta = checkpointer.restore_meta(start_step)
+    if saved_meta.get("tokenizer_sha256") != tokenizer.sha256:
+      raise ValueError(f"{workdir}/checkpoints/{start_step}: its tokenizer (sha256 "
+                       f"{saved_meta.get('tokenizer_sha256')}) is not this run's ({tokenizer.sha256})")
+    abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda r: nn.meta.unbox(init_boxed(r)), rng), state_sharding)
+    state, _ = checkpointer.restore(start_step, abstract, data_iter)
+    _log(f"resumed from {workdir}/checkpoints/{start_step}")
+  else:
+    start_step = 0
+    state = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=state_sharding)(rng)
+
+  n_params = model_lib.num_params(model_cfg)
+  flops_per_token = model_lib.flops_per_token(model_cfg, t.seq_len)
+  peak = metrics_lib.measure_peak_flops(model_cfg.dtype) * jax.device_count()
+  _log(f"model {config.model.size}: {n_params / 1e6:.2f}M params, vocab {model_cfg.vocab_size}; "
+       f"mesh {dict(mesh.shape)}; measured peak {peak / 1e9:.1f} GFLOP/s ({model_cfg.dtype})")
+
+  step_fn = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn, tx=tx, lr_schedule=lr_schedule,
+                                      grad_accum=t.grad_accum),
+                    in_shardings=(state_sharding, batch_sharding, None), out_shardings=(state_sharding, None),
+                    donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, eval_fn=objective.eval_fn))
+
+  def evaluate(params) -> dict:
+    sums = [eval_fn(params, b, None) for b in eval_batches]
+    loss = float(sum(s for s, _ in sums) / sum(w for _, w in sums))
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step if start_step else None)
+  progress = metrics_lib.Progress(t.steps, start_step)
+  tokens_per_step = t.batch_size * t.seq_len
+  last, window = {}, (None, 0)  # (time the window started, steps in it)
+
+  def finish_step(step: int, m: dict):
+    """Host side of step `step` (runs while step+1 computes): NaN policy, logging."""
+    nonlocal window, last
+    m = jax.device_get(m)
+    now = time.time()
+    if window[0] is None:
+      window = (now, 0)  # the first step of a run includes compilation: time from its end
+    else:
+      window = (window[0], window[1] + 1)
+    if not m["finite"] and t.nan_policy == "abort":
+      if checkpointer.latest_step() != int(state.step):
+        checkpointer.save(int(state.step), state, data_iter, meta)
+      checkpointer.wait()
+      raise FloatingPointError(f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step "
+                               f"{step}; the update was not applied, and checkpoint {int(state.step)} holds the "
+                               f"last good state (train.nan_policy=skip would skip such steps)")
+    if step % t.log_every == 0 or step == t.steps:
+      elapsed = now - window[0]
+      tps = tokens_per_step * window[1] / elapsed if window[1] and elapsed > 0 else 0.0
+      row = {k: float(v) for k, v in m.items() if k != "finite"}
+      row.update(tokens_per_sec=tps, mfu=tps * flops_per_token / peak)
+      writer.write(step, row)
+      _log(progress.line(step, row))
+      last = row
+      window = (now, 0)
+
+  pending = None
+  for step in range(start_step + 1, min(t.steps, stop_after or t.steps) + 1):
+    batch = sharding.put_batch(next(data_iter), batch_sharding)
+    state, m = step_fn(state, batch, None)
+    if pending is not None:
+      finish_step(*pending)
+    pending = (step, m)
+    if step % t.checkpoint_every == 0 or step == t.steps:
+      checkpointer.save(step, state, data_iter, meta)
+    if eval_batches and (step % t.eval_every == 0 or step == t.steps):
+      finish_step(*pending)
+      pending = None
+      row = evaluate(state.params)
+      writer.write(step, row)
+      _log(f"step {step}/{t.steps} | eval loss {row['eval/loss']:.4f} | ppl {row['eval/perplexity']:.2f}")
+      last.update(row)
+  if pending is not None:
+    finish_step(*pending)
+  checkpointer.close()
+  writer.close()
+  if stop_after is not None and stop_after < t.steps:
+    return last
+
+  if jax.process_index() == 0:
+    plot = metrics_lib.plot_losses(workdir)
+    if plot:
+      _log(f"loss curve: {plot}")
+  print_samples(config, model_cfg, state.params, tokenizer)
+  return last
+
+
+def print_samples(config, model_cfg, params, tokenizer):
+  t = config.train
+  if not t.num_samples:
+    return
+  prompts = list(t.sample_prompts)[: t.num_samples]
+  outs = generate.sample(model_cfg, params, [tokenizer.encode(p) for p in prompts], max_new_tokens=t.sample_tokens,
+                         rng=jax.random.key(config.seed), temperature=0.8, top_k=40, eos_id=tokenizer.eos_id,
+                         vocab_limit=tokenizer.vocab_size)
+  for p, o in zip(prompts, outs):
+    _log(f"--- sample ---\n{p}{tokenizer.decode(o)}")
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/pretrain_tiny.py[:arg]",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "run directory: metrics, checkpoints, tokenizer")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="jaxllm",
+    version="0.1.0",
+    description="A JAX codebase for pretraining, SFT, LoRA and DPO of decoder-only language models.",
+    packages=["jaxllm", "jaxllm.data", "configs"],
+    python_requires=">=3.10,<3.13",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "sentencepiece>=0.2",
+        "grain>=0.2.12",
+        "ml-collections>=1.0",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "gpu": ["jax[cuda12]"],
+    },
+)

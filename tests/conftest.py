@@ -1,0 +1,55 @@
+"""Shared fixtures: a small synthetic corpus and a tiny config, and a persistent compilation cache so that the
+several short runs of the suite compile each step once."""
+
+import os
+import random
+
+import jax
+import pytest
+
+from configs import pretrain_tiny
+
+
+def pytest_configure(config):
+  cache = os.path.join(str(config.rootpath), ".pytest_cache", "jax")
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+_SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the teacher", "a small bird", "the king"]
+_VERBS = ["sees", "likes", "finds", "carries", "paints", "follows", "helps"]
+_OBJECTS = ["the ball", "a red apple", "the river", "an old book", "the garden", "a green hat", "the moon"]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+  """80 short text documents of a tiny grammar: learnable in a few dozen steps."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = random.Random(0)
+  for i in range(80):
+    sentences = [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
+                 for _ in range(rng.randint(3, 12))]
+    (root / f"doc{i:03d}.txt").write_text(" ".join(sentences).capitalize() + "\n")
+  return root
+
+
+def tiny_config(corpus_dir, **overrides):
+  """pretrain_tiny shrunk to test size (D=32, 2 layers, V=320), on the synthetic corpus."""
+  c = pretrain_tiny.get_config()
+  c.data.sources = str(corpus_dir / "*.txt")
+  c.data.validation_fraction = 0.1
+  c.data.tokenizer.vocab_size = 320
+  c.model.d_model, c.model.num_layers, c.model.mlp_dim = 32, 2, 64
+  c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 2, 1, 16
+  c.train.batch_size, c.train.seq_len = 4, 32
+  c.train.steps, c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 8, 1, 4, 4
+  c.train.eval_batches, c.train.num_samples, c.train.sample_tokens = 2, 1, 8
+  c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-2, 2
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

@@ -1,0 +1,185 @@
+"""The model against an independent numpy implementation, and its structural properties."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import model as model_lib
+
+CFG = model_lib.ModelConfig(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                            mlp_dim=64, rope_theta=10_000.0)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return model_lib.init(CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def fwd():
+  return jax.jit(model_lib.forward, static_argnums=0)
+
+
+def _tokens(seed, shape=(2, 12)):
+  return jax.random.randint(jax.random.key(seed), shape, 0, CFG.vocab_size)
+
+
+# ---- an independent numpy reference: per-head loops, complex-number RoPE, explicit masks ----
+
+def _np_rope(x_TxE, pos_T, theta):
+  e = x_TxE.shape[-1]
+  freq = 1.0 / theta ** (np.arange(0, e, 2) / e)
+  z = (x_TxE[:, : e // 2] + 1j * x_TxE[:, e // 2:]) * np.exp(1j * pos_T[:, None] * freq)
+  return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def _np_rmsnorm(x, scale, eps):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _np_forward(cfg, p, tokens_T, segments_T, positions_T):
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  x = p["embed"]["embedding"][tokens_T]
+  t = len(tokens_T)
+  group = cfg.num_heads // cfg.num_kv_heads
+  for layer in range(cfg.num_layers):
+    lp = jax.tree.map(lambda a: a[layer], p["layers"])
+    h = _np_rmsnorm(x, lp["attn_norm"]["scale"], cfg.norm_eps)
+    out = np.zeros((t, cfg.num_heads, cfg.head_dim))
+    for head in range(cfg.num_heads):
+      kv = head // group
+      q = _np_rope(h @ lp["attn"]["q"]["kernel"][:, head], positions_T, cfg.rope_theta)
+      k = _np_rope(h @ lp["attn"]["k"]["kernel"][:, kv], positions_T, cfg.rope_theta)
+      v = h @ lp["attn"]["v"]["kernel"][:, kv]
+      for i in range(t):
+        allowed = [j for j in range(i + 1) if segments_T[j] == segments_T[i]]
+        s = np.array([q[i] @ k[j] for j in allowed]) / np.sqrt(cfg.head_dim)
+        w = np.exp(s - s.max())
+        out[i, head] = (w / w.sum()) @ v[allowed]
+    x = x + np.einsum("the,hed->td", out, lp["attn"]["o"]["kernel"])
+    h = _np_rmsnorm(x, lp["mlp_norm"]["scale"], cfg.norm_eps)
+    gate = h @ lp["mlp"]["gate"]["kernel"]
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ lp["mlp"]["up"]["kernel"])) @ lp["mlp"]["down"]["kernel"]
+  x = _np_rmsnorm(x, p["final_norm"]["scale"], cfg.norm_eps)
+  head = p["embed"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"]
+  return x @ head
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_forward_matches_numpy_reference(tie):
+  cfg = dataclasses.replace(CFG, tie_embeddings=tie)
+  p = model_lib.init(cfg, jax.random.key(1))
+  tokens = _tokens(1, (1, 10))
+  segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]])
+  positions = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0]])
+  got = jax.jit(model_lib.forward, static_argnums=0)(cfg, p, tokens, segments, positions)[0]
+  want = _np_forward(cfg, p, np.asarray(tokens[0]), np.asarray(segments[0]), np.asarray(positions[0]))
+  assert got.dtype == jnp.float32 and got.shape == (10, cfg.vocab_size)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_causality(params, fwd):
+  tokens = _tokens(2)
+  base = fwd(CFG, params, tokens)
+  j = 7
+  changed = fwd(CFG, params, tokens.at[:, j].set((tokens[:, j] + 1) % CFG.vocab_size))
+  np.testing.assert_array_equal(base[:, :j], changed[:, :j])  # nothing before j sees token j
+  assert np.abs(base[:, j:] - changed[:, j:]).max() > 1e-3  # and j onwards does
+
+
+def test_packed_documents_are_isolated(params, fwd):
+  """A document packed after another gives the logits it has alone, and editing one never moves the other."""
+  doc_a, doc_b = _tokens(3, (1, 5)), _tokens(4, (1, 7))
+  packed = jnp.concatenate([doc_a, doc_b], axis=1)
+  segments = jnp.array([[1] * 5 + [2] * 7])
+  positions = jnp.array([list(range(5)) + list(range(7))])
+  logits = fwd(CFG, params, packed, segments, positions)
+  np.testing.assert_allclose(logits[:, :5], fwd(CFG, params, doc_a), atol=1e-5)
+  np.testing.assert_allclose(logits[:, 5:], fwd(CFG, params, doc_b), atol=1e-5)
+  other_a = packed.at[:, :5].set((packed[:, :5] + 3) % CFG.vocab_size)
+  np.testing.assert_array_equal(fwd(CFG, params, other_a, segments, positions)[:, 5:], logits[:, 5:])
+
+
+def test_rope_depends_only_on_relative_position():
+  q, k = jax.random.normal(jax.random.key(5), (2, 1, 1, 1, 16))
+  rope = jax.jit(model_lib.rope, static_argnums=2)
+
+  def score(m, n):
+    return float(jnp.sum(rope(q, jnp.array([[m]]), 10_000.0) * rope(k, jnp.array([[n]]), 10_000.0)))
+  assert score(3, 1) == pytest.approx(score(103, 101), abs=1e-4)
+  assert score(10, 4) == pytest.approx(score(6, 0), abs=1e-4)
+  assert abs(score(3, 1) - score(4, 1)) > 1e-3
+  # and against the complex-number form
+  x = np.asarray(jax.random.normal(jax.random.key(6), (5, 16)))
+  got = rope(jnp.asarray(x)[None, :, None], jnp.arange(5)[None], 500.0)[0, :, 0]
+  np.testing.assert_allclose(got, _np_rope(x, np.arange(5), 500.0), atol=1e-5)
+
+
+def _unscan(p, num_layers):
+  out = {k: v for k, v in p.items() if k != "layers"}
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda a: a[i], p["layers"])
+  return out
+
+
+def test_scan_equals_loop_and_remat_equals_no_remat(params, fwd):
+  tokens = _tokens(7)
+  ref = fwd(CFG, params, tokens)
+  loop_cfg = dataclasses.replace(CFG, scan_layers=False)
+  np.testing.assert_allclose(fwd(loop_cfg, _unscan(params, CFG.num_layers), tokens), ref, atol=1e-5)
+  assert jax.tree.structure(model_lib.abstract_params(loop_cfg)) == jax.tree.structure(
+      _unscan(params, CFG.num_layers))
+
+  def grads(cfg):
+    return jax.jit(jax.grad(lambda p: jnp.mean(model_lib.forward(cfg, p, tokens) ** 2)))(params)
+  remat = grads(dataclasses.replace(CFG, remat_policy="full"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), remat, grads(CFG))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(params, fwd):
+  cfg = dataclasses.replace(CFG, dtype="bfloat16")
+  tokens = _tokens(8)
+  logits = fwd(cfg, params, tokens)
+  assert logits.dtype == jnp.float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(model_lib.abstract_params(cfg)))
+  ref = fwd(CFG, params, tokens)
+  assert float(jnp.max(jnp.abs(logits - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+
+
+def _formula(c):
+  """Parameter count from the architecture, written out independently of the module code."""
+  attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = 3 * c.d_model * c.mlp_dim
+  per_layer = attn + mlp + 2 * c.d_model
+  if c.qkv_bias:
+    per_layer += c.head_dim * (c.num_heads + 2 * c.num_kv_heads)
+  head = 0 if c.tie_embeddings else c.vocab_size * c.d_model
+  return c.num_layers * per_layer + c.vocab_size * c.d_model + head + c.d_model
+
+
+@pytest.mark.parametrize("size,published", [
+    ("124m", None), ("1b", 1_235_814_400), ("7b", 6_738_415_616), ("70b", 68_976_648_192)])
+def test_preset_parameter_counts(size, published):
+  cfg = model_lib.model_config(size)
+  n = model_lib.num_params(cfg)
+  assert n == _formula(cfg)
+  if published:
+    assert n == published  # Llama-3.2-1B, Llama-2-7B, Llama-2-70B as published
+  assert 1e6 <= model_lib.num_params(model_lib.model_config("tiny", vocab_size=2048)) <= 3e6
+  assert 20e6 <= model_lib.num_params(model_lib.model_config("small", vocab_size=8192)) <= 30e6
+
+
+def test_every_param_has_logical_axes():
+  cfg = dataclasses.replace(CFG, qkv_bias=True)
+  shapes = model_lib.abstract_params(cfg)
+  axes = model_lib.logical_axes(cfg)
+  flat_axes = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+    spec = flat_axes[path]
+    assert len(spec) == leaf.ndim, jax.tree_util.keystr(path)
+    assert all(name in model_lib.AXES for name in spec), (jax.tree_util.keystr(path), spec)
+  assert flat_axes[next(p for p in flat_axes if "embedding" in jax.tree_util.keystr(p))] == \
+      jax.sharding.PartitionSpec("vocab", "embed")

@@ -1,0 +1,118 @@
+"""End-to-end training on the synthetic corpus: the workdir contract, falling loss, exact resume, tokenizer
+checks, the NaN guard, and gradient accumulation."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxllm import config as config_lib, metrics as metrics_lib, model as model_lib, objectives, optim, train
+from jaxllm.data.tokenizer import train_tokenizer
+from tests.conftest import tiny_config
+
+EXACT_KEYS = ("loss", "grad_norm", "learning_rate", "skipped_steps", "eval/loss")
+
+
+def _final_params(workdir):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored["state"]["params"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  last = train.run(tiny_config(corpus_dir, **{"train.steps": 24, "train.eval_every": 8,
+                                              "train.checkpoint_every": 8}), workdir)
+  return workdir, last
+
+
+def test_workdir_contract_and_falling_loss(straight_run, capsys):
+  workdir, last = straight_run
+  for name in ("config.json", "metrics.jsonl", "tokenizer.model", "loss.png", "checkpoints"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "24", "8"]  # keep_checkpoints=3
+  resolved = json.load(open(os.path.join(workdir, "config.json")))
+  assert resolved["model"]["d_model"] == 32 and resolved["model"]["vocab_size"] == 320
+  rows = metrics_lib.read_metrics(workdir)
+  train_rows = [r for r in rows if "loss" in r]
+  eval_rows = [r for r in rows if "eval/loss" in r]
+  assert [r["step"] for r in train_rows] == list(range(1, 25))
+  for key in ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"):
+    assert all(key in r for r in train_rows), key
+  assert [r["step"] for r in eval_rows] == [8, 16, 24]
+  assert train_rows[0]["loss"] == pytest.approx(np.log(320), abs=0.5)  # uniform at init
+  assert eval_rows[-1]["eval/loss"] < train_rows[0]["loss"] - 1.5
+  assert eval_rows[-1]["eval/loss"] < eval_rows[0]["eval/loss"]
+  assert eval_rows[-1]["eval/perplexity"] == pytest.approx(np.exp(eval_rows[-1]["eval/loss"]), rel=1e-5)
+  assert last["eval/loss"] == eval_rows[-1]["eval/loss"]
+  assert 0 < train_rows[-1]["mfu"] < 1 and train_rows[-1]["tokens_per_sec"] > 0
+
+
+def test_resume_gives_identical_metrics_and_params(straight_run, corpus_dir, tmp_path):
+  """24 steps straight == 12 steps, a 'crash' (rows 9-12 logged after checkpoint 8), then resume."""
+  straight, _ = straight_run
+  cfg = tiny_config(corpus_dir, **{"train.steps": 24, "train.eval_every": 8, "train.checkpoint_every": 8})
+  workdir = str(tmp_path / "resumed")
+  train.run(cfg, workdir, stop_after=12)
+  assert max(r["step"] for r in metrics_lib.read_metrics(workdir)) == 12
+  train.run(cfg, workdir)
+  a, b = metrics_lib.read_metrics(straight), metrics_lib.read_metrics(workdir)
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    for key in EXACT_KEYS:
+      assert ra.get(key) == rb.get(key), (ra["step"], key)
+  jax.tree.map(np.testing.assert_array_equal, _final_params(straight), _final_params(workdir))
+
+
+def test_resume_refuses_a_different_tokenizer(straight_run, corpus_dir, tmp_path):
+  workdir, _ = straight_run
+  other = train_tokenizer(["completely different text for another tokenizer"] * 50, vocab_size=300)
+  path = str(tmp_path / "other.model")
+  other.save(path)
+  cfg = tiny_config(corpus_dir, **{"train.steps": 24, "data.tokenizer.path": path})
+  with pytest.raises(ValueError, match="differs from the tokenizer this run was started with"):
+    train.run(cfg, workdir)
+  # A swapped tokenizer file in the workdir is caught by the checkpoint's recorded hash.
+  copy = str(tmp_path / "copy")
+  os.makedirs(copy)
+  os.symlink(os.path.join(workdir, "checkpoints"), os.path.join(copy, "checkpoints"))
+  other.save(os.path.join(copy, "tokenizer.model"))
+  with pytest.raises(ValueError, match="is not this run's"):
+    train.run(tiny_config(corpus_dir, **{"train.steps": 24}), copy)
+
+
+def test_non_finite_loss_aborts_and_keeps_last_good_state(corpus_dir, tmp_path):
+  cfg = tiny_config(corpus_dir, **{"optimizer.learning_rate": 1e30, "optimizer.grad_clip": 0.0,
+                                   "optimizer.warmup_steps": 0, "optimizer.schedule": "constant"})
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match=r"at step \d+"):
+    train.run(cfg, workdir)
+  params = _final_params(workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_gradient_accumulation_equals_one_big_batch(corpus_dir):
+  cfg = tiny_config(corpus_dir)
+  model_cfg = config_lib.resolve_model(cfg, 320)
+  objective = objectives.make(model_cfg, cfg)
+  tx = optim.optimizer(cfg.optimizer, cfg.train.steps)
+  state = jax.jit(lambda r: train.nn.meta.unbox(train.init_state(r, init_trainable=objective.init_trainable,
+                                                                 tx=tx)))(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 320, (8, 16)), "targets": rng.integers(0, 320, (8, 16)),
+           "segment_ids": np.ones((8, 16), np.int32), "positions": np.tile(np.arange(16), (8, 1)),
+           "loss_mask": (rng.random((8, 16)) > 0.4).astype(np.float32)}  # uneven weights per micro-batch
+  step = lambda accum: jax.jit(functools.partial(
+      train.train_step, loss_fn=objective.loss_fn, tx=tx, lr_schedule=optim.schedule(cfg.optimizer, 8),
+      grad_accum=accum))(state, batch, None)
+  (one, m1), (four, m4) = step(1), step(4)
+  assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-6)
+  assert float(m1["grad_norm"]) == pytest.approx(float(m4["grad_norm"]), rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), one.params, four.params)
