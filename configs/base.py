@@ -43,7 +43,7 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.train.nan_policy = "abort"            # abort: stop with a message | skip: drop the update, count it
   c.train.num_samples = 3                 # samples printed at the end
   c.train.sample_tokens = 64              # new tokens per sample
-  c.train.sample_prompts = ("def ", "class ", "import ")  # prompts of the samples printed at the end
+  c.train.sample_prompts = ("import", "class", "def")  # prompts of the samples printed at the end
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-4        # peak

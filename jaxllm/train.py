@@ -68,7 +68,7 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn, tx, lr_schedule, gr
 
   weight = jnp.maximum(weight, 1e-8)
   grads = jax.tree.map(lambda g: g / weight, grads)
-  loss, grad_norm = loss_sum / weight, optax.global_norm(grads)
+  loss, grad_norm = loss_sum / weight, optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
@@ -129,7 +129,7 @@ def _log(message: str):
 def _eval_batches(config, docs, tokenizer) -> list[dict]:
   t = config.train
   ds = pipeline.pretrain_dataset(docs, tokenizer, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
-                                 seed=config.seed, shuffle=False, repeat=False,
+                                 seed=config.seed + 1, shuffle=True, repeat=False,  # fixed sample of all docs
                                  process_index=jax.process_index(), process_count=jax.process_count())
   batches = [b for _, b in zip(range(t.eval_batches), ds)]
   if t.eval_batches and not batches:
@@ -236,6 +236,11 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
       _log(progress.line(step, row))
       last = row
       window = (now, 0)
+
+  if start_step == 0 and eval_batches:
+    row = evaluate(state.params)  # the baseline every later validation loss is compared with
+    writer.write(0, row)
+    _log(f"step 0/{t.steps} | eval loss {row['eval/loss']:.4f} | ppl {row['eval/perplexity']:.2f}")
 
   pending = None
   for step in range(start_step + 1, min(t.steps, stop_after or t.steps) + 1):

@@ -46,7 +46,7 @@ def test_workdir_contract_and_falling_loss(straight_run, capsys):
   assert [r["step"] for r in train_rows] == list(range(1, 25))
   for key in ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"):
     assert all(key in r for r in train_rows), key
-  assert [r["step"] for r in eval_rows] == [8, 16, 24]
+  assert [r["step"] for r in eval_rows] == [0, 8, 16, 24]
   assert train_rows[0]["loss"] == pytest.approx(np.log(320), abs=0.5)  # uniform at init
   assert eval_rows[-1]["eval/loss"] < train_rows[0]["loss"] - 1.5
   assert eval_rows[-1]["eval/loss"] < eval_rows[0]["eval/loss"]
