@@ -16,6 +16,7 @@ setup(
         "ml-collections>=1.0",
         "tensorboardX>=2.6",
         "matplotlib>=3.7",
+        "chatterbot-corpus>=1.3",
     ],
     extras_require={
         "test": ["pytest>=8"],

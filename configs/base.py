@@ -3,6 +3,8 @@
 import ml_collections
 from ml_collections import config_dict
 
+from jaxllm import sharding
+
 
 def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -23,6 +25,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.sources = "stdlib"               # "stdlib" (Python's own sources, no download) or globs of .txt/.jsonl
   c.data.validation_fraction = 0.02       # held-out share, chosen deterministically by file (or document)
+  c.data.num_shards = 0                   # data shards, each giving batch/num_shards rows (0 = one per process);
+                                          # fix it to get the same batches on any number of processes
   c.data.tokenizer = ml_collections.ConfigDict()
   c.data.tokenizer.path = ""              # a sentencepiece .model; "" = train one on the corpus
   c.data.tokenizer.vocab_size = 2048      # when training one
@@ -61,4 +65,6 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh.data = -1                        # data-parallel replicas (-1 = all devices left)
   c.mesh.fsdp = 1                         # parameter/optimizer sharding
   c.mesh.tensor = 1                       # tensor parallelism (heads, mlp, vocab)
+  c.mesh.dcn_fsdp = 1                     # multi-host: hosts the fsdp axis spans (the rest of the hosts: data)
+  c.mesh.rules = sharding.RULES           # logical axis -> mesh axes; a logical axis without a rule is an error
   return c

@@ -3,8 +3,12 @@
 Parameters are a plain pytree (no boxes); their logical axis names come from `logical_axes(cfg)`.
 
 Shape letters used in tensor names:
-  B batch, T query length, S key length, D d_model, V vocab, H query heads, K kv heads,
-  G query heads per kv head (H = K*G), E head_dim, F mlp hidden.
+  B batch, T query length, S key length (cache slots when decoding), D d_model, V vocab, H query heads,
+  K kv heads, G query heads per kv head (H = K*G), E head_dim, F mlp hidden, L layers.
+
+Decoding keeps a KVCache: keys and values at num_kv_heads in a fixed number of slots, with a leading layers axis
+(scan_layers or not). `forward_with_cache` runs T new tokens (a prompt, or one token) through the model, writes
+their keys and values at slot `cache.index` onwards and attends to every earlier slot of the same segment.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
 Params = Any
@@ -132,36 +137,83 @@ def attention_mask(segment_ids_BxT):
   return (causal_TxS & same_BxTxS)[:, None, None]
 
 
+@struct.dataclass
+class KVCache:
+  """Keys and values of every token run so far, in S slots. Slot s holds the s-th token of the (padded) batch;
+  the slots are shared by the rows, so every row writes at the same `index`."""
+  k_LxBxSxKxE: jax.Array
+  v_LxBxSxKxE: jax.Array
+  segment_ids_BxS: jax.Array   # as in forward: 0 = padding (and empty slots); a token sees only its own segment
+  index: jax.Array             # int32 scalar: the next slot to write
+
+
+def init_cache(cfg: "ModelConfig", batch: int, max_len: int) -> KVCache:
+  """An empty cache of `max_len` slots, keys and values in the compute dtype."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(k_LxBxSxKxE=jnp.zeros(shape, cfg.dtype), v_LxBxSxKxE=jnp.zeros(shape, cfg.dtype),
+                 segment_ids_BxS=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def cached_attention_mask(segment_ids_BxT, cache_segment_ids_BxS, index):
+  """attention_mask for T queries in slots index..index+T-1 over S cache slots (already holding the queries')."""
+  s = cache_segment_ids_BxS.shape[1]
+  causal_TxS = jnp.arange(s)[None, :] <= index + jnp.arange(segment_ids_BxT.shape[1])[:, None]
+  same_BxTxS = segment_ids_BxT[:, :, None] == cache_segment_ids_BxS[:, None, :]
+  return (causal_TxS & same_BxTxS)[:, None, None]
+
+
+class Projection(nn.Module):
+  """x · kernel over named axes (an einsum), with an optional bias. kernel_shape and kernel_axes line up."""
+  spec: str
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  fan_in: int
+  dtype: Any
+  bias_dims: int = 0  # 0 = no bias; else the bias is the kernel's last `bias_dims` dims
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _param(_dense_init(self.fan_in), self.kernel_axes), self.kernel_shape)
+    y = jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.bias_dims:
+      bias = self.param("bias", _param(nn.initializers.zeros, self.kernel_axes[-self.bias_dims:]),
+                        self.kernel_shape[-self.bias_dims:])
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class Attention(nn.Module):
+  """Grouped-query attention. With `kv` (this layer's cache, [B, S, K, E] keys and values) the new keys and values
+  are written at slot `index` and the queries attend over the cache; returns (output, updated kv or None)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
+  def __call__(self, x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv=None, index=None):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    dense = functools.partial(nn.DenseGeneral, dtype=dt, param_dtype=jnp.float32)
-    q_BxTxHxE = dense((c.num_heads, c.head_dim), use_bias=c.qkv_bias, name="q",
-                      kernel_init=_param(_dense_init(c.d_model), ("embed", "heads", "head_dim")),
-                      bias_init=_param(nn.initializers.zeros, ("heads", "head_dim")))(x_BxTxD)
-    kv = functools.partial(dense, (c.num_kv_heads, c.head_dim), use_bias=c.qkv_bias,
-                           kernel_init=_param(_dense_init(c.d_model), ("embed", "kv_heads", "head_dim")),
-                           bias_init=_param(nn.initializers.zeros, ("kv_heads", "head_dim")))
-    k_BxSxKxE, v_BxSxKxE = kv(name="k")(x_BxTxD), kv(name="v")(x_BxTxD)
+    d, h, k, e = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    bias = 2 if c.qkv_bias else 0
+    q_BxTxHxE = Projection("btd,dhe->bthe", (d, h, e), ("embed", "heads", "head_dim"), d, dt, bias, name="q")(x_BxTxD)
+    proj_kv = functools.partial(Projection, "btd,dke->btke", (d, k, e), ("embed", "kv_heads", "head_dim"), d, dt,
+                                bias)
+    k_BxSxKxE, v_BxSxKxE = proj_kv(name="k")(x_BxTxD), proj_kv(name="v")(x_BxTxD)
     q_BxTxHxE = rope(q_BxTxHxE, positions_BxT, c.rope_theta)
     k_BxSxKxE = rope(k_BxSxKxE, positions_BxT, c.rope_theta)
+    if kv is not None:
+      write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
+      kv = (write(kv[0], k_BxSxKxE), write(kv[1], v_BxSxKxE))
+      k_BxSxKxE, v_BxSxKxE = kv[0].astype(dt), kv[1].astype(dt)
 
-    b, t, _, e = q_BxTxHxE.shape
-    g = c.num_heads // c.num_kv_heads
-    q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, c.num_kv_heads, g, e)
+    b, t = q_BxTxHxE.shape[:2]
+    q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
     logits_BxKxGxTxS = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE,
                                   preferred_element_type=jnp.float32) / math.sqrt(e)
-    mask = attention_mask(segment_ids_BxT)
-    logits_BxKxGxTxS = jnp.where(mask, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    logits_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
     out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs, v_BxSxKxE)
-    out_BxTxHxE = out_BxTxKxGxE.reshape(b, t, c.num_heads, e)
-    out_BxTxHxE = checkpoint_name(out_BxTxHxE, "attn_out")
-    return dense(c.d_model, axis=(-2, -1), use_bias=False, name="o",
-                 kernel_init=_param(_dense_init(c.num_heads * e), ("heads", "head_dim", "embed")))(out_BxTxHxE)
+    out_BxTxHxE = checkpoint_name(out_BxTxKxGxE.reshape(b, t, h, e), "attn_out")
+    out_BxTxHxE = nn.with_logical_constraint(out_BxTxHxE, ("batch", "length", "heads", "head_dim"))
+    out_BxTxD = Projection("bthe,hed->btd", (h, e, d), ("heads", "head_dim", "embed"), h * e, dt, name="o")(out_BxTxHxE)
+    return out_BxTxD, kv
 
 
 class MLP(nn.Module):
@@ -178,35 +230,40 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+  """(x, ...) -> (x, kv): the (carry, x) -> (carry, y) signature nn.scan wants; kv is None without a cache."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
+  def __call__(self, x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv=None, index=None):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x_BxTxD)
-    x_BxTxD = x_BxTxD + Attention(c, name="attn")(h, segment_ids_BxT, positions_BxT)
+    attn_BxTxD, kv = Attention(c, name="attn")(h, mask_Bx1x1xTxS, positions_BxT, kv, index)
+    x_BxTxD = x_BxTxD + attn_BxTxD
     h = RMSNorm(c.norm_eps, dt, name="mlp_norm")(x_BxTxD)
     x_BxTxD = x_BxTxD + MLP(c, name="mlp")(h)
-    return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
-
-
-class ScanBlock(Block):
-  """Block with the (carry, x) -> (carry, y) signature nn.scan wants."""
-
-  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
-    return super().__call__(x_BxTxD, segment_ids_BxT, positions_BxT), None
+    return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed")), kv
 
 
 class Transformer(nn.Module):
+  """Logits [B, T, V]; with a `cache`, (logits, updated cache)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None):
+  def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, cache: KVCache | None = None):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    b, t = tokens_BxT.shape
+    start = 0 if cache is None else cache.index
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones_like(tokens_BxT)
     if positions_BxT is None:
-      positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+      positions_BxT = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+    if cache is None:
+      mask_Bx1x1xTxS, kv, index = attention_mask(segment_ids_BxT), None, None
+    else:
+      cache_segment_ids_BxS = jax.lax.dynamic_update_slice_in_dim(
+          cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), cache.index, axis=1)
+      mask_Bx1x1xTxS = cached_attention_mask(segment_ids_BxT, cache_segment_ids_BxS, cache.index)
+      kv, index = (cache.k_LxBxSxKxE, cache.v_LxBxSxKxE), cache.index
 
     embed = nn.Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=jnp.float32, name="embed",
                      embedding_init=_param(_dense_init(c.d_model), ("vocab", "embed")))
@@ -215,15 +272,20 @@ class Transformer(nn.Module):
 
     policy = REMAT_POLICIES[c.remat_policy]
     if c.scan_layers:
-      block = ScanBlock if c.remat_policy == "none" else nn.remat(ScanBlock, policy=policy, prevent_cse=False)
+      block = Block if c.remat_policy == "none" else nn.remat(Block, policy=policy, prevent_cse=False)
       layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, _ = layers(c, name="layers")(x_BxTxD, segment_ids_BxT, positions_BxT)
+      x_BxTxD, kv = layers(c, name="layers")(x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv, index)
     else:
       block = Block if c.remat_policy == "none" else nn.remat(Block, policy=policy)
+      new_kv = []
       for i in range(c.num_layers):
-        x_BxTxD = block(c, name=f"layers_{i}")(x_BxTxD, segment_ids_BxT, positions_BxT)
+        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        x_BxTxD, layer_kv = block(c, name=f"layers_{i}")(x_BxTxD, mask_Bx1x1xTxS, positions_BxT, layer_kv, index)
+        new_kv.append(layer_kv)
+      if kv is not None:
+        kv = tuple(jnp.stack([layer_kv[j] for layer_kv in new_kv]) for j in range(2))
 
     x_BxTxD = RMSNorm(c.norm_eps, dt, name="final_norm")(x_BxTxD)
     if c.tie_embeddings:
@@ -231,8 +293,11 @@ class Transformer(nn.Module):
     else:
       logits_BxTxV = nn.Dense(c.vocab_size, use_bias=False, dtype=dt, param_dtype=jnp.float32, name="lm_head",
                               kernel_init=_param(_dense_init(c.d_model), ("embed", "vocab")))(x_BxTxD)
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    return nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
+    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV.astype(jnp.float32), ("batch", "length", "vocab"))
+    if cache is None:
+      return logits_BxTxV
+    return logits_BxTxV, KVCache(k_LxBxSxKxE=kv[0], v_LxBxSxKxE=kv[1], segment_ids_BxS=cache_segment_ids_BxS,
+                                 index=cache.index + t)
 
 
 def _example_tokens():
@@ -267,6 +332,14 @@ def logical_axes(cfg: ModelConfig):
 def forward(cfg: ModelConfig, params: Params, tokens_BxT, segment_ids_BxT=None, positions_BxT=None):
   """Float32 logits [B, T, V]. Packed rows pass segment ids (0 = padding) and per-document positions."""
   return Transformer(cfg).apply({"params": params}, tokens_BxT, segment_ids_BxT, positions_BxT)
+
+
+def forward_with_cache(cfg: ModelConfig, params: Params, tokens_BxT, cache: KVCache, segment_ids_BxT=None,
+                       positions_BxT=None):
+  """(float32 logits [B, T, V], cache with the T tokens added at slots cache.index..). A prompt (prefill) or one
+  new token per row (a decode step). Positions default to the slots: pass each row's true positions when rows are
+  padded differently. Tokens of segment 0 (padding) are never seen by tokens of other segments."""
+  return Transformer(cfg).apply({"params": params}, tokens_BxT, segment_ids_BxT, positions_BxT, cache)
 
 
 def num_params(cfg: ModelConfig) -> int:

@@ -1,20 +1,26 @@
 """Device mesh, the logical-axis rules table, and the shardings derived from them.
 
-Parameters carry logical axis names (model.AXES); RULES maps each name to a mesh axis (or None = replicated).
-A logical name with no rule is an error, so a new parameter cannot silently end up replicated.
+Parameters and the main activations carry logical axis names (model.AXES); a rules table (config.mesh.rules,
+default RULES) maps each name to mesh axes, or None = replicated. A logical name without a rule is an error,
+so a new parameter cannot silently end up replicated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
+
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical name -> mesh axes. Batch splits over data and fsdp; weights split their embed dim over fsdp and
-# their head / mlp / vocab dim over tensor.
+# logical name -> mesh axes. The batch splits over data and fsdp; weights split their embed dim over fsdp
+# (ZeRO-3 style: gathered per layer in the forward pass) and their head / mlp / vocab dim over tensor.
 RULES = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -28,17 +34,34 @@ RULES = (
 )
 
 
+def rules_of(config) -> tuple:
+  """The config's rules table as a tuple of (name, mesh axes) pairs (JSON turns tuples into lists)."""
+  as_axes = lambda a: tuple(a) if isinstance(a, (list, tuple)) else a
+  return tuple((name, as_axes(axes)) for name, axes in config.mesh.rules)
+
+
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   """(data, fsdp, tensor) with a -1 filled from the device count (config.validate_mesh checked it divides)."""
   sizes = [mesh_config.data, mesh_config.fsdp, mesh_config.tensor]
-  known = int(np.prod([s for s in sizes if s > 0]))
+  known = math.prod(s for s in sizes if s > 0)
   return tuple(num_devices // known if s == -1 else s for s in sizes)
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh. Across several processes (hosts) it is a hybrid mesh: mesh.dcn_fsdp hosts
+  share each fsdp group and the remaining hosts split the data axis, over the slow network; the rest of each
+  axis, and all of tensor, stays inside a host (fast interconnect)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  processes = len({d.process_index for d in devices})
+  if processes == 1:
+    return Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True), MESH_AXES)
+  dcn = (processes // mesh_config.dcn_fsdp, mesh_config.dcn_fsdp, 1)
+  if math.prod(dcn) != processes or any(s % d for s, d in zip(shape, dcn)):
+    raise ValueError(f"mesh: (data, fsdp, tensor)={shape} cannot be laid over {processes} hosts as "
+                     f"{dcn} hosts per axis (mesh.dcn_fsdp={mesh_config.dcn_fsdp})")
+  ici = tuple(s // d for s, d in zip(shape, dcn))
+  return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True), MESH_AXES)
 
 
 def check_rules(logical_specs, rules=RULES):
@@ -49,6 +72,12 @@ def check_rules(logical_specs, rules=RULES):
       if name is not None and name not in known:
         raise ValueError(f"parameter {jax.tree_util.keystr(path)} has logical axis {name!r} that matches no "
                          f"rule in the sharding rules table {sorted(known)}")
+
+
+def logical_to_mesh(logical_specs, rules=RULES):
+  """Logical PartitionSpecs -> mesh-axis PartitionSpecs."""
+  check_rules(logical_specs, rules)
+  return nn.logical_to_mesh(logical_specs, rules)
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh, rules=RULES):
@@ -65,3 +94,34 @@ def batch_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
 def put_batch(batch, sharding: NamedSharding):
   """This process's rows of the global batch -> global jax.Arrays (works for one or many processes)."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def with_rules(jitted_fn, mesh: Mesh, rules=RULES):
+  """Calls `jitted_fn` with the mesh and rules in context, so that when it traces, the model's activation
+  constraints (nn.with_logical_constraint) resolve to mesh axes."""
+
+  @functools.wraps(jitted_fn)
+  def wrapped(*args, **kwargs):
+    with contextlib.ExitStack() as stack:
+      stack.enter_context(jax.set_mesh(mesh))
+      stack.enter_context(nn.logical_axis_rules(rules))
+      return jitted_fn(*args, **kwargs)
+
+  return wrapped
+
+
+def per_device_bytes(abstract_tree, mesh_axis_sizes: dict[str, int], logical_specs, rules=RULES) -> int:
+  """Bytes one device holds of `abstract_tree` (ShapeDtypeStructs) under the rules on a mesh of the given
+  axis sizes. Pure arithmetic: no devices needed, so any pod layout can be sized from a laptop."""
+  mesh_specs = logical_to_mesh(logical_specs, rules)
+  total = 0
+  leaves = jax.tree.leaves(abstract_tree)
+  specs = jax.tree.leaves(mesh_specs, is_leaf=lambda x: isinstance(x, P))
+  assert len(leaves) == len(specs), (len(leaves), len(specs))
+  for leaf, spec in zip(leaves, specs):
+    shard = list(leaf.shape)
+    for dim, axes in enumerate(spec):
+      for axis in (axes if isinstance(axes, tuple) else (axes,)) if axes else ():
+        shard[dim] = -(-shard[dim] // mesh_axis_sizes[axis])
+    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+  return total

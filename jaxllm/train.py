@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,7 @@ import optax
 from flax import struct
 
 from jaxllm import checkpoint as ckpt_lib
+from jaxllm import distributed
 from jaxllm import config as config_lib
 from jaxllm import generate, metrics as metrics_lib, model as model_lib, objectives, optim, sharding
 from jaxllm.data import pipeline, sources
@@ -126,11 +128,36 @@ def _log(message: str):
     print(message, flush=True)
 
 
-def _eval_batches(config, docs, tokenizer) -> list[dict]:
+def data_shards(config) -> tuple[int, list[int]]:
+  """(number of data shards, this process's shards). A batch is the concatenation of batch_size/num_shards
+  rows from each shard in order, whatever the number of processes reading them."""
+  shards = config.data.num_shards or jax.process_count()
+  if shards % jax.process_count() or config.train.batch_size % shards:
+    raise config_lib.ConfigError(
+        f"data.num_shards: {shards} shards must be a multiple of the {jax.process_count()} processes and "
+        f"divide train.batch_size={config.train.batch_size}")
+  per_process = shards // jax.process_count()
+  return shards, list(range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process))
+
+
+def make_dataset(config, docs, tokenizer, *, train: bool):
+  """This process's part of each global batch: training (shuffled, repeated) or validation (one pass)."""
+  shards, local = data_shards(config)
   t = config.train
-  ds = pipeline.pretrain_dataset(docs, tokenizer, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
-                                 seed=config.seed + 1, shuffle=True, repeat=False,  # fixed sample of all docs
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+  parts = [pipeline.pretrain_dataset(docs, tokenizer, seq_len=t.seq_len, batch_size=t.batch_size // shards,
+                                     seed=config.seed if train else config.seed + 1, repeat=train,
+                                     process_index=shard, process_count=shards)
+           for shard in local]
+  if len(parts) == 1:
+    return parts[0]
+  zipped = grain.experimental.ZipIterDataset(parts, strict=train)
+  return zipped.map(lambda rows: {k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
+
+
+def _eval_batches(config, docs, tokenizer) -> list[dict]:
+  """A fixed sample of validation batches (shuffled once with a seed, so it spans many documents)."""
+  t = config.train
+  ds = make_dataset(config, docs, tokenizer, train=False)
   batches = [b for _, b in zip(range(t.eval_batches), ds)]
   if t.eval_batches and not batches:
     raise ValueError(f"data.validation_fraction: the validation split of {config.data.sources!r} is too small "
@@ -159,19 +186,17 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
       json.dump(resolved_config_dict(config, model_cfg), f, indent=2)
 
   mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_of(config)
   objective = objectives.make(model_cfg, config)
   tx = optim.optimizer(config.optimizer, t.steps)
   lr_schedule = optim.schedule(config.optimizer, t.steps)
   init_boxed = functools.partial(init_state, init_trainable=objective.init_trainable, tx=tx)
   rng = jax.random.key(config.seed)
   abstract_boxed = jax.eval_shape(init_boxed, rng)
-  state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
+  state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
 
-  train_ds = pipeline.pretrain_dataset(
-      train_docs, tokenizer, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(), seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  data_iter = iter(train_ds)
+  data_iter = iter(make_dataset(config, train_docs, tokenizer, train=True))
   eval_batches = [sharding.put_batch(b, batch_sharding) for b in _eval_batches(config, val_docs, tokenizer)]
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
@@ -195,11 +220,13 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
   _log(f"model {config.model.size}: {n_params / 1e6:.2f}M params, vocab {model_cfg.vocab_size}; "
        f"mesh {dict(mesh.shape)}; measured peak {peak / 1e9:.1f} GFLOP/s ({model_cfg.dtype})")
 
-  step_fn = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn, tx=tx, lr_schedule=lr_schedule,
-                                      grad_accum=t.grad_accum),
-                    in_shardings=(state_sharding, batch_sharding, None), out_shardings=(state_sharding, None),
-                    donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, eval_fn=objective.eval_fn))
+  step_fn = sharding.with_rules(jax.jit(
+      functools.partial(train_step, loss_fn=objective.loss_fn, tx=tx, lr_schedule=lr_schedule,
+                        grad_accum=t.grad_accum),
+      in_shardings=(state_sharding, batch_sharding, None), out_shardings=(state_sharding, None),
+      donate_argnums=0), mesh, rules)
+  eval_fn = sharding.with_rules(jax.jit(functools.partial(eval_step, eval_fn=objective.eval_fn),
+                                        in_shardings=(state_sharding.params, batch_sharding, None)), mesh, rules)
 
   def evaluate(params) -> dict:
     sums = [eval_fn(params, b, None) for b in eval_batches]
@@ -289,6 +316,7 @@ def main(argv):
   del argv
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  distributed.initialize()
   run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -8,7 +8,7 @@ MapDataset source, be pickled, and be read from several threads.
                  one document per file; split by file with crc32 of the relative path.
   otherwise:     comma-separated globs (`**` allowed) of .txt/.text/.md files (one document
                  per file) and .jsonl files (one document per line, its "text" field);
-                 split by document with crc32 of f"{file}:{line}" (line 0 for whole files).
+                 split by document with crc32 of f"{file name}:{line}" (line 0 for whole files).
 """
 
 import array
@@ -125,7 +125,7 @@ def _index_globs(spec: str):
     for offset, line_number in entries:
       file_ids.append(file_id)
       offsets.append(offset)
-      buckets.append(_bucket(f"{path}:{line_number}"))
+      buckets.append(_bucket(f"{os.path.basename(path)}:{line_number}"))  # same split wherever the corpus lives
     if len(offsets) == count:
       raise DataError(f"{path}: empty file (no documents)")
   return paths, *(np.frombuffer(a, np.dtype(a.typecode)) for a in (file_ids, offsets, buckets))

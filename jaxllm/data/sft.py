@@ -1,0 +1,356 @@
+"""Supervised fine-tuning data: conversation sources and the grain pipeline of packed, masked rows.
+
+`conversations(spec, split)` returns a random-access sequence of conversations (lists of
+{"role", "content"} messages, see chat.py):
+
+  spec "chatterbot[:lang,lang,...]": the dialogs of the `chatterbot-corpus` package (no download),
+      all its languages (english, chinese, traditionalchinese, japanese, ...) unless some are named.
+      Each YAML `conversations` entry alternates user, assistant, user, ...; a trailing user
+      utterance is dropped, entries with fewer than two utterances are skipped, and exact duplicates
+      are kept once (english/tech_support.yml repeats ten dialogs about a thousand times).
+      Split by crc32 of the conversation's content, so copies never straddle the split.
+  otherwise: comma-separated globs (`**` allowed) of .jsonl files, one conversation per non-blank
+      line: {"prompt": str, "response": str} or {"messages": [{"role": ..., "content": ...}, ...]}
+      with roles system/user/assistant and at least one assistant message. Split by crc32 of
+      f"{file}:{line}", as sources.py does. Every line is validated when the spec is read: errors
+      raise DataError naming the file and 1-based line.
+
+`sft_dataset(...)` tokenizes each conversation with the chat template, shifts it for next-token
+prediction per example, and packs whole examples into rows (never splitting one) in the batch
+format of the pretraining pipeline (see pipeline.py).
+"""
+
+import array
+import dataclasses
+import functools
+import glob
+import json
+import os
+import zlib
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from jaxllm.data import chat
+from jaxllm.data.sources import DataError
+from jaxllm.data.tokenizer import Tokenizer
+
+CHATTERBOT = "chatterbot"
+OVERLONG_POLICIES = ("truncate", "drop")
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def conversations(spec: str, split: str, *, validation_fraction: float = 0.1) -> Sequence[list[dict]]:
+  """The conversations of `split` ("train" or "validation") described by `spec` (see module doc)."""
+  if split not in ("train", "validation"):
+    raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+  if spec == CHATTERBOT or spec.startswith(CHATTERBOT + ":"):
+    languages = [s.strip() for s in spec.partition(":")[2].split(",") if s.strip()]
+    convs = chatterbot_conversations(languages or None)
+    keys = [json.dumps(c, ensure_ascii=False) for c in convs]
+    source = convs
+  else:
+    source = _index_globs(spec)
+    keys = [f"{source.paths[f]}:{line}" for f, line in zip(source.file_ids, source.line_numbers)]
+  in_validation = np.array([_bucket(k) for k in keys]) < validation_fraction * 10_000
+  keep = np.flatnonzero(in_validation if split == "validation" else ~in_validation)
+  if not len(keep):
+    raise DataError(f"spec {spec!r} has no conversations in split {split!r} "
+                    f"(validation_fraction={validation_fraction})")
+  if isinstance(source, FileConversations):
+    return source.select(keep)
+  return [source[i] for i in keep]
+
+
+def chatterbot_languages() -> list[str]:
+  """The languages (directories) of the installed chatterbot-corpus, sorted."""
+  return sorted(os.listdir(_chatterbot_dir()))
+
+
+def chatterbot_conversations(languages: Sequence[str] | None = None) -> list[list[dict]]:
+  """All chatterbot-corpus conversations of `languages` (default all), in language/file order."""
+  available = chatterbot_languages()
+  for language in languages or ():
+    if language not in available:
+      raise DataError(f"chatterbot-corpus has no language {language!r} (it has {', '.join(available)})")
+  out, seen = [], set()
+  for language in sorted(set(languages or available)):
+    for utterances in _chatterbot_language(language):
+      messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": u}
+                  for i, u in enumerate(utterances)]
+      key = json.dumps(messages, ensure_ascii=False)
+      if key not in seen:
+        seen.add(key)
+        out.append(messages)
+  return out
+
+
+def _chatterbot_dir() -> str:
+  try:
+    from chatterbot_corpus import corpus
+  except ImportError:
+    raise DataError("spec 'chatterbot' needs the chatterbot-corpus package (pip install chatterbot-corpus)") from None
+  return corpus.DATA_DIRECTORY
+
+
+@functools.lru_cache(maxsize=None)
+def _chatterbot_language(language: str) -> tuple[tuple[str, ...], ...]:
+  """The usable utterance lists of one language: even-length, >= 2 strings (a file parses once)."""
+  import yaml
+  loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+  root = os.path.join(_chatterbot_dir(), language)
+  paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                 if f.endswith((".yml", ".yaml")))
+  out = []
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      data = yaml.load(f, Loader=loader)
+    for entry in (data or {}).get("conversations") or ():
+      # A few entries are plain strings (a YAML indentation slip upstream): skipped.
+      if isinstance(entry, list) and len(entry) >= 2 and all(isinstance(u, str) for u in entry):
+        out.append(tuple(entry[:len(entry) // 2 * 2]))
+  return tuple(out)
+
+
+class FileConversations(Sequence):
+  """Conversations stored in JSONL files: conversation i is the line at byte `offsets[i]` of
+  `paths[file_ids[i]]` (1-based line `line_numbers[i]`), read and converted in __getitem__."""
+
+  def __init__(self, paths: Sequence[str], file_ids, offsets, line_numbers):
+    self.paths = list(paths)
+    self.file_ids = np.asarray(file_ids, np.int32)
+    self.offsets = np.asarray(offsets, np.int64)
+    self.line_numbers = np.asarray(line_numbers, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  def __getitem__(self, i: int) -> list[dict]:
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"conversation {i} out of range for {len(self)} conversations")
+    with open(self.paths[self.file_ids[i]], "rb") as f:
+      f.seek(int(self.offsets[i]))
+      return _to_messages(json.loads(f.readline()))
+
+  def select(self, indices) -> "FileConversations":
+    return FileConversations(self.paths, self.file_ids[indices], self.offsets[indices],
+                             self.line_numbers[indices])
+
+
+def _to_messages(record) -> list[dict]:
+  """A JSONL record ({"prompt", "response"} or {"messages"}) -> messages; ValueError if invalid."""
+  if not isinstance(record, dict):
+    raise ValueError("not a JSON object")
+  if "messages" in record:
+    messages = record["messages"]
+    chat.check_messages(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+      raise ValueError("no assistant message (nothing to learn)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+  if "prompt" in record or "response" in record:
+    for field in ("prompt", "response"):
+      if not isinstance(record.get(field), str):
+        raise ValueError(f"no string {field!r} field")
+    return chat.from_pair(record["prompt"], record["response"])
+  raise ValueError("expected a 'messages' list or 'prompt' and 'response' strings")
+
+
+def _index_globs(spec: str) -> FileConversations:
+  paths = set()
+  for pattern in (p.strip() for p in spec.split(",") if p.strip()):
+    matched = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    if not matched:
+      raise DataError(f"glob {pattern!r} matches no file")
+    paths.update(matched)
+  paths = sorted(paths)
+  file_ids, offsets, line_numbers = array.array("i"), array.array("q"), array.array("q")
+  for file_id, path in enumerate(paths):
+    if not path.endswith(".jsonl"):
+      raise DataError(f"{path}: unsupported file type (SFT data is .jsonl)")
+    count = len(offsets)
+    for offset, line_number in _index_jsonl(path):
+      file_ids.append(file_id)
+      offsets.append(offset)
+      line_numbers.append(line_number)
+    if len(offsets) == count:
+      raise DataError(f"{path}: empty file (no conversations)")
+  return FileConversations(paths, *(np.frombuffer(a, np.dtype(a.typecode))
+                                    for a in (file_ids, offsets, line_numbers)))
+
+
+def _index_jsonl(path: str):
+  """Yields (byte offset, 1-based line number) of each non-blank line, validated strictly."""
+  offset = 0
+  with open(path, "rb") as f:
+    for line_number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          record = json.loads(line)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+          raise DataError(f"{path}:{line_number}: invalid JSON ({e})") from None
+        try:
+          _to_messages(record)
+        except ValueError as e:
+          raise DataError(f"{path}:{line_number}: {e}") from None
+        yield offset, line_number
+      offset += len(line)
+
+
+def _bucket(key: str) -> int:
+  """A conversation's split bucket in [0, 10000): validation iff bucket < fraction * 10000."""
+  return zlib.crc32(key.encode()) % 10_000
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+
+@dataclasses.dataclass
+class SFTStats:
+  """Counts of the examples the packer has taken in so far (it reads a few rows ahead of the batches).
+
+  Updated by the iterator as it runs and restored with its state (set_state / a checkpoint), so a
+  resumed run counts as the uninterrupted one. The trainer logs them.
+  """
+  examples: int = 0          # examples packed into rows (truncated ones included)
+  truncated: int = 0         # longer than seq_len + 1 tokens, cut to the first seq_len + 1
+  dropped_too_long: int = 0  # longer than seq_len + 1 tokens, dropped (overlong="drop")
+  dropped_no_loss: int = 0   # loss mask all zero (after any truncation), or a single token: dropped
+
+  @property
+  def dropped(self) -> int:
+    return self.dropped_too_long + self.dropped_no_loss
+
+
+_KEPT, _TRUNCATED, _TOO_LONG, _NO_LOSS = range(4)
+_COUNTERS = {_TRUNCATED: "truncated", _TOO_LONG: "dropped_too_long", _NO_LOSS: "dropped_no_loss"}
+_FEATURES = ("inputs", "targets", "loss_mask")
+
+
+def sft_dataset(
+    convs: Sequence[list[dict]],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    prompt_loss_weight: float = 0.0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    overlong: str = "truncate",
+    template: chat.ChatTemplate = chat.DEFAULT_TEMPLATE,
+    packing_bins: int = 16,
+    stats: SFTStats | None = None,
+) -> grain.IterDataset:
+  """Batches of packed, masked rows from `convs` in the pretraining batch format:
+
+    inputs, targets, segment_ids, positions (int32) and loss_mask (float32), each [batch_size, seq_len].
+
+  A conversation of n + 1 tokens (chat.render) is one example of n (input, target) pairs; its
+  loss_mask is the render mask of each target token. Whole examples are packed first-fit into
+  `packing_bins` rows at a time (segment ids 1, 2, ... per example, positions from 0 in each, the
+  rest of the row padding: segment 0, pad_id, mask 0); rows are shuffled within those bins.
+  Examples longer than seq_len + 1 tokens are cut to their first seq_len + 1 (overlong="truncate")
+  or dropped ("drop"); examples with nothing to learn are dropped; `stats` counts all of these.
+
+  Sharding, shuffling, epochs and repeat=False behave as in `pretrain_dataset`: process_index reads
+  conversations process_index, process_index + process_count, ...; with repeat=False the last
+  partial batch is dropped. `iter(ds)` supports get_state() / set_state(), also after a JSON round trip.
+  """
+  if overlong not in OVERLONG_POLICIES:
+    raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+  if not 0.0 <= prompt_loss_weight <= 1.0:
+    raise ValueError(f"prompt_loss_weight must be in [0, 1], got {prompt_loss_weight}")
+  chat.check_tokenizer(tokenizer, template)  # fail now, not in a worker thread
+  ds = grain.MapDataset.source(convs)[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed)
+  if repeat:
+    ds = ds.repeat()  # reseeds the shuffle each epoch
+  ds = ds.map(functools.partial(
+      make_example, tokenizer=tokenizer, template=template, seq_len=seq_len,
+      prompt_loss_weight=prompt_loss_weight, overlong=overlong))
+  ds = _CountAndFilter(ds.to_iter_dataset(), stats if stats is not None else SFTStats())
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={k: seq_len for k in _FEATURES}, num_packing_bins=packing_bins,
+      seed=seed, shuffle_bins=shuffle, padding_struct={"inputs": tokenizer.pad_id,
+                                                       "targets": tokenizer.pad_id, "loss_mask": 0})
+  ds = ds.map(_to_batch_format)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def make_example(messages: list[dict], tokenizer: Tokenizer, *, seq_len: int,
+                 template: chat.ChatTemplate = chat.DEFAULT_TEMPLATE, prompt_loss_weight: float = 0.0,
+                 overlong: str = "truncate") -> dict:
+  """One conversation -> {"inputs", "targets", "loss_mask"} of length <= seq_len and a "status"
+  (kept, truncated, too long, no loss); a dropped example has empty features."""
+  ids, mask = chat.render(messages, tokenizer, template, prompt_loss_weight=prompt_loss_weight)
+  status = _KEPT
+  if len(ids) > seq_len + 1:
+    if overlong == "drop":
+      ids, mask, status = [], [], _TOO_LONG
+    else:
+      ids, mask, status = ids[:seq_len + 1], mask[:seq_len + 1], _TRUNCATED
+  if status != _TOO_LONG and not any(mask[1:]):
+    ids, mask, status = [], [], _NO_LOSS
+  ids = np.asarray(ids, np.int32)
+  return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": np.asarray(mask[1:], np.float32),
+          "status": status}
+
+
+def _to_batch_format(row: dict) -> dict:
+  """A packed row (grain's per-feature segment ids and positions) -> the pipeline's batch fields."""
+  return {
+      "inputs": row["inputs"].astype(np.int32),
+      "targets": row["targets"].astype(np.int32),
+      "segment_ids": row["inputs_segment_ids"].astype(np.int32),
+      "positions": row["inputs_positions"].astype(np.int32),
+      "loss_mask": row["loss_mask"].astype(np.float32),
+  }
+
+
+class _CountAndFilter(grain.IterDataset):
+  """Drops the examples that `make_example` marked as dropped, counting every status in `stats`;
+  the counts are part of the iterator state, so the packer's replay on restore stays exact."""
+
+  def __init__(self, parent: grain.IterDataset, stats: SFTStats):
+    super().__init__(parent)
+    self._sft_stats = stats
+
+  def __iter__(self):
+    return _CountAndFilterIterator(self._parent.__iter__(), self._sft_stats)
+
+
+class _CountAndFilterIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, stats: SFTStats):
+    super().__init__(parent)
+    self._counts = stats
+    self._set_counts(SFTStats())
+
+  def _set_counts(self, counts: SFTStats):
+    for field in dataclasses.fields(SFTStats):
+      setattr(self._counts, field.name, getattr(counts, field.name))
+
+  def __next__(self):
+    while True:
+      example = next(self._parent)
+      status = int(example.pop("status"))
+      if status in (_KEPT, _TRUNCATED):
+        self._counts.examples += 1
+      if status != _KEPT:
+        name = _COUNTERS[status]
+        setattr(self._counts, name, getattr(self._counts, name) + 1)
+      if status in (_KEPT, _TRUNCATED):
+        return example
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "stats": dataclasses.asdict(self._counts)}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._set_counts(SFTStats(**state["stats"]))
