@@ -1,10 +1,11 @@
-"""Pretraining at a size preset.
+"""Pretraining at a size preset, optionally on a GPU layout.
 
   python -m jaxllm.train --config configs/pretrain.py:size=small --workdir runs/pt_small
-  python -m jaxllm.train --config configs/pretrain.py:size=124m --workdir runs/pt_124m --config.train.steps=20000
+  python -m jaxllm.train --config configs/pretrain.py:size=124m,gpus=1 --workdir runs/pt_124m
+  launch/slurm.sbatch configs/pretrain.py:size=7b,gpus=4x8 runs/pt_7b      # 4 nodes x 8 H100
 
-tiny and small run on a CPU; 124m wants a GPU; 1b, 7b and 70b are shapes for GPU pods (their data, mesh and
-batch settings belong in a config of their own).
+tiny and small run on a CPU; 124m wants a GPU; 1b, 7b and 70b are shapes for GPU pods. `gpus` picks a mesh
+layout from MESHES (hosts x GPUs per host); `python bench/memory.py` prints what each layout holds per GPU.
 """
 
 from configs import base
@@ -20,9 +21,25 @@ RECIPES = {
     "70b": (1024, 4096, 1.5e-4, 100000, "bfloat16"),
 }
 
+# (size, gpus) -> mesh layout and micro-batching. fsdp shards params and optimizer state inside a host (and,
+# with dcn_fsdp > 1, over that many hosts); data replicates across the remaining hosts. Every layout here keeps
+# params + AdamW state + activations (bench/memory.py) under 80 GB per H100.
+MESHES = {
+    ("1b", "1"): dict(data=1, fsdp=1, tensor=1, dcn_fsdp=1, grad_accum=128),
+    ("1b", "8"): dict(data=1, fsdp=8, tensor=1, dcn_fsdp=1, grad_accum=16),
+    ("1b", "4x8"): dict(data=4, fsdp=8, tensor=1, dcn_fsdp=1, grad_accum=4),
+    ("1b", "16x8"): dict(data=16, fsdp=8, tensor=1, dcn_fsdp=1, grad_accum=1),
+    ("7b", "8"): dict(data=1, fsdp=8, tensor=1, dcn_fsdp=1, grad_accum=64),
+    ("7b", "4x8"): dict(data=4, fsdp=8, tensor=1, dcn_fsdp=1, grad_accum=16),
+    ("7b", "16x8"): dict(data=16, fsdp=8, tensor=1, dcn_fsdp=1, grad_accum=4),
+    ("70b", "4x8"): dict(data=1, fsdp=32, tensor=1, dcn_fsdp=4, grad_accum=32),
+    ("70b", "16x8"): dict(data=4, fsdp=32, tensor=1, dcn_fsdp=4, grad_accum=8),
+}
+GPUS = {"1": 1, "8": 8, "4x8": 32, "16x8": 128}
+
 
 def get_config(arg=None):
-  arg = parse_arg(arg, size="tiny")
+  arg = parse_arg(arg, size="tiny", gpus="")
   c = base.get_config(arg.size)
   batch, seq, lr, steps, dtype = RECIPES[arg.size]
   c.train.batch_size = batch              # sequences per step
@@ -31,5 +48,12 @@ def get_config(arg=None):
   c.optimizer.learning_rate = lr          # peak, warmup + cosine
   c.optimizer.warmup_steps = min(1000, steps // 20)
   c.model.dtype = dtype                   # bfloat16 compute on GPUs
-  c.model.remat_policy = "none" if arg.size in ("tiny", "small") else "dots_no_batch"
+  c.model.remat_policy = "none" if arg.size in ("tiny", "small") else "full"
+  if arg.gpus:
+    if (arg.size, arg.gpus) not in MESHES and arg.gpus != "1":
+      raise ValueError(f"gpus={arg.gpus!r}: no layout for size={arg.size}; have {sorted(MESHES)}")
+    layout = dict(MESHES.get((arg.size, arg.gpus), dict(data=1, fsdp=1, tensor=1, dcn_fsdp=1, grad_accum=1)))
+    c.train.grad_accum = layout.pop("grad_accum")
+    for key, value in layout.items():
+      c.mesh[key] = value
   return c.lock()

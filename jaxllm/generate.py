@@ -27,31 +27,31 @@ import numpy as np
 from jaxllm import model as model_lib
 
 
-def choose_tokens(logits_BxV, rng, *, temperature, top_k: int = 0, top_p: float = 1.0, vocab_limit=None):
+def choose_tokens(logits_BxV, rng, *, temperature, top_k=0, top_p=1.0, vocab_limit=None):
   """Next ids [B]: the argmax when temperature is 0, else a sample from softmax(logits / temperature) restricted
-  to the `top_k` most likely ids (0 = all) and to the smallest set of most likely ids whose probability reaches
-  `top_p` (the nucleus; 1 = all). Ids >= vocab_limit are never chosen."""
+  to the `top_k` most likely ids (0 = all), then to the smallest set of those whose renormalized probability
+  reaches `top_p` (the nucleus; 1 = all). Ids tied with the last one kept are kept too. Ids >= vocab_limit are
+  never chosen. Every argument may be traced: one compiled program serves every setting."""
   v = logits_BxV.shape[-1]
   if vocab_limit is not None:
     logits_BxV = jnp.where(jnp.arange(v) < vocab_limit, logits_BxV, -jnp.inf)
   greedy_B = jnp.argmax(logits_BxV, axis=-1)
   logits_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
-  if top_k:
-    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
-  if top_p < 1.0:
-    sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass of the more likely ids; 0 for the top one
-    cutoff_Bx1 = jnp.min(jnp.where(before_BxV < top_p, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-    logits_BxV = jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
+  rank_V = jnp.arange(v)
+  sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)  # most likely first
+  in_top_k_V = (top_k <= 0) | (rank_V < top_k)
+  probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, -jnp.inf), axis=-1)
+  before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass of the more likely ids: 0 for the first
+  keep_BxV = in_top_k_V & ((top_p >= 1.0) | (before_BxV < top_p))
+  cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+  logits_BxV = jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
   sampled_B = jax.random.categorical(rng, logits_BxV)
   return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "top_p"))
-def _generate(cfg, params, prompt_BxP, lengths_B, rng, temperature, stop_ids, vocab_limit, *, max_new_tokens,
-              top_k, top_p):
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
+def _generate(cfg, params, prompt_BxP, lengths_B, rng, stop_ids, temperature, top_k, top_p, vocab_limit, *,
+              max_new_tokens):
   """New ids [B, N] of left-padded prompts; a row's ids after its first stop id are unspecified."""
   b, p = prompt_BxP.shape
   pad_B = p - lengths_B
@@ -92,7 +92,7 @@ def generate(cfg: model_lib.ModelConfig, params, prompts: list[list[int]], *, ma
   """Continues each prompt (token ids) by up to `max_new_tokens` tokens; returns the new tokens of each prompt,
   cut after its first id in `stop_ids` (kept). Temperature 0 is greedy; top_k / top_p filter the sampled
   distribution (see `choose_tokens`); ids >= vocab_limit are never produced. One compiled program per (batch,
-  longest prompt, max_new_tokens, top_k, top_p); temperature, seed, stop ids and vocab_limit are traced."""
+  longest prompt, max_new_tokens): the sampling settings and up to 4 stop ids are traced."""
   if not prompts:
     return []
   lengths = np.array([len(p) for p in prompts], np.int32)
@@ -105,10 +105,11 @@ def generate(cfg: model_lib.ModelConfig, params, prompts: list[list[int]], *, ma
   buf = np.zeros((len(prompts), int(lengths.max())), np.int32)  # left-padded with 0 (never attended to)
   for row, p in zip(buf, prompts):
     row[len(row) - len(p):] = p
-  stop = np.array(list(stop_ids) or [-1], np.int32)
-  out = np.asarray(_generate(cfg, params, jnp.asarray(buf), jnp.asarray(lengths), rng, jnp.float32(temperature),
-                             jnp.asarray(stop), jnp.int32(vocab_limit or cfg.vocab_size),
-                             max_new_tokens=max_new_tokens, top_k=int(top_k), top_p=float(top_p)))
+  stop = np.full(max(4, len(stop_ids)), -1, np.int32)  # up to 4 stop ids share one compiled program
+  stop[: len(stop_ids)] = list(stop_ids)
+  out = np.asarray(_generate(cfg, params, jnp.asarray(buf), jnp.asarray(lengths), rng, jnp.asarray(stop),
+                             jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                             jnp.int32(vocab_limit or cfg.vocab_size), max_new_tokens=max_new_tokens))
   results = []
   for row in out.tolist():
     cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))

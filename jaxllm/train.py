@@ -168,12 +168,14 @@ def _eval_batches(config, docs, tokenizer) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ loop
 
 
-def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
+def run(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict:
   """Trains per `config` in `workdir` (resuming if it holds a checkpoint). Returns the last metrics.
 
-  `stop_after=k` ends the process's work after step k as if it were killed there (for tests of resume).
+  `stop_after=k` ends the process's work after step k as if it were killed there (for tests of resume);
+  `devices` restricts the mesh to these devices (default: all).
   """
-  config_lib.validate(config)
+  devices = jax.devices() if devices is None else list(devices)
+  config_lib.validate(config, num_devices=len(devices))
   os.makedirs(workdir, exist_ok=True)
   t = config.train
   train_docs = sources.documents(config.data.sources, "train", validation_fraction=config.data.validation_fraction)
@@ -185,7 +187,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved_config_dict(config, model_cfg), f, indent=2)
 
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_of(config)
   objective = objectives.make(model_cfg, config)
   tx = optim.optimizer(config.optimizer, t.steps)
@@ -216,7 +218,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
 
   n_params = model_lib.num_params(model_cfg)
   flops_per_token = model_lib.flops_per_token(model_cfg, t.seq_len)
-  peak = metrics_lib.measure_peak_flops(model_cfg.dtype) * jax.device_count()
+  peak = metrics_lib.measure_peak_flops(model_cfg.dtype) * len(devices)
   _log(f"model {config.model.size}: {n_params / 1e6:.2f}M params, vocab {model_cfg.vocab_size}; "
        f"mesh {dict(mesh.shape)}; measured peak {peak / 1e9:.1f} GFLOP/s ({model_cfg.dtype})")
 

@@ -53,3 +53,7 @@ def tiny_config(corpus_dir, **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+# tests/multidevice needs 8 devices, fixed at process start: test_sharding.py runs it in its own process.
+collect_ignore = [] if os.environ.get("JAXLLM_MULTIDEVICE") else ["multidevice"]

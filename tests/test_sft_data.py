@@ -105,7 +105,8 @@ def test_chinese_round_trip(tokenizer):
   assert tokenizer.decode(ids) == (
       "<|system|>\n你是一个乐于助人的助手。<|end|>\n<|user|>\n今天天气怎么样？<|end|>\n"
       "<|assistant|>\n今天天气很好，我们去公园散步吧。<|end|>\n")
-  assert tokenizer.decode([t for t, m in zip(ids, mask) if m]) == "今天天气很好，我们去公园散步吧。<|end|>"
+  answer = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+  assert answer == "今天天气很好，我们去公园散步吧。<|end|>"
   assert (ids, mask) == expected_render(tokenizer, CHINESE)
 
 
@@ -176,7 +177,9 @@ def test_packed_rows_hold_the_unpacked_examples(tokenizer, english, seq_len, wei
   assert stats.truncated == sum(n > seq_len + 1 for n in lengths) - stats.dropped_no_loss
   if seq_len == 128:
     assert len(got) > 1.5 * len(all_batches(ds))  # several examples per row
-    assert stats.truncated > 0 and stats.dropped_no_loss == 0
+    assert stats.truncated == stats.dropped_no_loss == 0
+  else:
+    assert stats.truncated > 0
 
 
 def test_shuffled_batches_and_shards(tokenizer, english):
@@ -246,7 +249,8 @@ def assert_same_batches(a, b):
 
 
 def small_dataset(tokenizer, english, stats=None):
-  # 40 conversations, 3 per row and 4 bins per packing window: a few batches cross epochs.
+  # 40 conversations, about one per row (half are truncated), 4 bins per packing window: an epoch
+  # is about 20 batches, so restoring at k=13 checks batches of the next epoch too.
   return sft.sft_dataset(english[:40], tokenizer, seq_len=48, batch_size=2, seed=0, packing_bins=4,
                          stats=stats)
 
@@ -317,19 +321,20 @@ def write(path, lines):
   return str(path)
 
 
-def test_jsonl_pairs_and_chats(tmp_path):
+def test_jsonl_pairs_and_chats(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # relative paths: the split keys, and so the split, do not depend on tmp_path
   pairs = [{"prompt": f"question {i} 今天", "response": f"answer {i}"} for i in range(60)]
-  pairs_path = write(tmp_path / "pairs.jsonl", [json.dumps(p, ensure_ascii=False) for p in pairs] + [""])
+  write(tmp_path / "pairs.jsonl", [json.dumps(p, ensure_ascii=False) for p in pairs] + [""])
   chats = [{"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": f"u{i}"},
                          {"role": "assistant", "content": f"a{i}"}], "id": i} for i in range(40)]
-  chats_path = write(tmp_path / "sub" / "chats.jsonl", ["", *map(json.dumps, chats)])
-  spec = f"{tmp_path}/*.jsonl, {tmp_path}/**/chats.jsonl"
+  write(tmp_path / "sub" / "chats.jsonl", ["", *map(json.dumps, chats)])
+  spec = "*.jsonl, **/chats.jsonl"
   splits = {s: sft.conversations(spec, s, validation_fraction=0.3) for s in ("train", "validation")}
   got = {s: [c[i] for i in range(len(c))] for s, c in splits.items()}
   expected = [chat.from_pair(p["prompt"], p["response"]) for p in pairs] + [c["messages"] for c in chats]
   assert sorted(map(json.dumps, got["train"] + got["validation"])) == sorted(map(json.dumps, expected))
   expected_validation = [c["messages"] for i, c in enumerate(chats)
-                         if zlib.crc32(f"{chats_path}:{i + 2}".encode()) % 10_000 < 3000]
+                         if zlib.crc32(f"sub/chats.jsonl:{i + 2}".encode()) % 10_000 < 3000]
   assert [c for c in got["validation"] if c[0]["role"] == "system"] == expected_validation
   assert 5 < len(expected_validation) < 25
   with pytest.raises(IndexError):

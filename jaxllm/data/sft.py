@@ -7,7 +7,7 @@
       all its languages (english, chinese, traditionalchinese, japanese, ...) unless some are named.
       Each YAML `conversations` entry alternates user, assistant, user, ...; a trailing user
       utterance is dropped, entries with fewer than two utterances are skipped, and exact duplicates
-      are kept once (english/tech_support.yml repeats ten dialogs about a thousand times).
+      are kept once (english/tech_support.yml is 1,050 entries of ten distinct dialogs).
       Split by crc32 of the conversation's content, so copies never straddle the split.
   otherwise: comma-separated globs (`**` allowed) of .jsonl files, one conversation per non-blank
       line: {"prompt": str, "response": str} or {"messages": [{"role": ..., "content": ...}, ...]}
@@ -92,7 +92,8 @@ def _chatterbot_dir() -> str:
   try:
     from chatterbot_corpus import corpus
   except ImportError:
-    raise DataError("spec 'chatterbot' needs the chatterbot-corpus package (pip install chatterbot-corpus)") from None
+    raise DataError("spec 'chatterbot' needs the chatterbot-corpus package "
+                    "(pip install chatterbot-corpus)") from None
   return corpus.DATA_DIRECTORY
 
 
@@ -255,7 +256,8 @@ def sft_dataset(
   `packing_bins` rows at a time (segment ids 1, 2, ... per example, positions from 0 in each, the
   rest of the row padding: segment 0, pad_id, mask 0); rows are shuffled within those bins.
   Examples longer than seq_len + 1 tokens are cut to their first seq_len + 1 (overlong="truncate")
-  or dropped ("drop"); examples with nothing to learn are dropped; `stats` counts all of these.
+  or dropped ("drop"); examples with nothing to learn are dropped. Pass an `SFTStats` as `stats` to
+  read these counts: the iterator of this dataset that was last created, advanced or restored keeps them.
 
   Sharding, shuffling, epochs and repeat=False behave as in `pretrain_dataset`: process_index reads
   conversations process_index, process_index + process_count, ...; with repeat=False the last

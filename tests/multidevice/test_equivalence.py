@@ -1,0 +1,105 @@
+"""Run with 8 emulated CPU devices (tests/test_sharding.py::test_multidevice_suite does): the same losses on
+every mesh, with gradient accumulation, across a change of mesh at a checkpoint, and with 2 processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm import metrics as metrics_lib, train
+from tests.conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 10
+MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=2,fsdp=2,tensor=2": (2, 2, 2),
+          "fsdp=4,tensor=2": (1, 4, 2)}
+
+
+def config(corpus_dir, mesh=(1, 1, 1), **overrides):
+  c = tiny_config(corpus_dir, **{
+      "train.steps": STEPS, "train.batch_size": 8, "train.eval_batches": 0, "train.num_samples": 0,
+      "train.checkpoint_every": 5, "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 8,
+      "data.num_shards": 2, **overrides})
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+  return c
+
+
+def losses(workdir):
+  return np.array([r["loss"] for r in metrics_lib.read_metrics(workdir) if "loss" in r])
+
+
+@pytest.fixture(scope="module")
+def reference(corpus_dir, tmp_path_factory):
+  """One device."""
+  assert jax.device_count() == 8
+  workdir = str(tmp_path_factory.mktemp("one_device"))
+  train.run(config(corpus_dir), workdir, devices=jax.devices()[:1])
+  return losses(workdir)
+
+
+def assert_close(got, want):
+  assert got.shape == want.shape == (STEPS,)
+  rel = np.max(np.abs(got - want) / np.abs(want))
+  print(f"max relative loss difference {rel:.2e}")
+  assert rel <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_same_losses_on_every_mesh(reference, corpus_dir, tmp_path, name):
+  train.run(config(corpus_dir, MESHES[name]), str(tmp_path))
+  assert_close(losses(str(tmp_path)), reference)
+
+
+def test_gradient_accumulation_4x2_equals_batch_8(reference, corpus_dir, tmp_path):
+  train.run(config(corpus_dir, (2, 1, 1), **{"train.grad_accum": 4}), str(tmp_path), devices=jax.devices()[:2])
+  assert_close(losses(str(tmp_path)), reference)
+
+
+def test_checkpoint_moves_between_meshes(reference, corpus_dir, tmp_path):
+  """Steps 1-5 on fsdp=8, then resume from checkpoint 5 on (2, 2, 2), then on one device for nothing more."""
+  workdir = str(tmp_path)
+  train.run(config(corpus_dir, (1, 8, 1)), workdir, stop_after=5)
+  train.run(config(corpus_dir, (2, 2, 2)), workdir)
+  assert_close(losses(workdir), reference)
+  # and the final checkpoint restores onto a single device
+  more = config(corpus_dir, **{"train.steps": STEPS + 2})
+  train.run(more, workdir, devices=jax.devices()[:1])
+  assert len(losses(workdir)) == STEPS + 2
+
+
+TWO_PROCESS_SCRIPT = """
+import pathlib, sys
+from jaxllm import distributed, train
+from tests.multidevice.test_equivalence import config
+distributed.initialize()
+train.run(config(pathlib.Path(sys.argv[1]), (8, 1, 1)), sys.argv[2])
+"""
+
+
+def test_two_processes_match_one(corpus_dir, tmp_path):
+  """2 processes x 4 CPU devices (jax.distributed over localhost, gloo) == 1 process x 8 devices."""
+  one = str(tmp_path / "one")
+  train.run(config(corpus_dir, (8, 1, 1)), one)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  two = str(tmp_path / "two")
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXLLM_COORDINATOR=f"127.0.0.1:{port}",
+               JAXLLM_NUM_PROCESSES="2", JAXLLM_PROCESS_ID=str(i), JAXLLM_INIT_TIMEOUT="120",
+               PYTHONPATH=ROOT)
+    procs.append(subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, str(corpus_dir), two], cwd=ROOT,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  assert "step 10/10" in outs[0] and "step 10/10" not in outs[1]  # only process 0 logs
+  assert_close(losses(two), losses(one))
+  files = os.listdir(os.path.join(two, "checkpoints", "10", "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(files)  # each process's data position
