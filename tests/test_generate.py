@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -9,9 +10,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from jaxllm import generate, model as model_lib, train
+from jaxllm import checkpoint as ckpt_lib, config as config_lib, generate, model as model_lib, train
+from jaxllm.data.tokenizer import train_tokenizer
 from tests.conftest import tiny_config
 
 CFG = model_lib.ModelConfig(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -20,10 +23,20 @@ PROMPTS = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13], [200], [3, 1, 4, 1, 5]]
 NEW = 8
 
 
+@pytest.fixture(scope="module")
+def scan_params():
+  return model_lib.init(CFG, jax.random.key(0))
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["scan", "loop"])
-def model(request):
-  cfg = dataclasses.replace(CFG, scan_layers=request.param)
-  return cfg, model_lib.init(cfg, jax.random.key(0))
+def model(request, scan_params):
+  """(config, params) with nn.scan over layers, or a Python loop over the same weights unstacked."""
+  if request.param:
+    return CFG, scan_params
+  loop_params = {k: v for k, v in scan_params.items() if k != "layers"}
+  for i in range(CFG.num_layers):
+    loop_params[f"layers_{i}"] = jax.tree.map(lambda a: a[i], scan_params["layers"])
+  return dataclasses.replace(CFG, scan_layers=False), loop_params
 
 
 @pytest.fixture(scope="module")
@@ -155,15 +168,29 @@ def test_stop_ids_cut_the_output(model, greedy):
 
 @pytest.fixture(scope="module")
 def workdir(corpus_dir, tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("gen_run"))
-  train.run(tiny_config(corpus_dir, **{"train.steps": 2, "train.checkpoint_every": 1, "train.eval_batches": 0,
-                                       "train.num_samples": 0}), wd)
-  return wd
+  """A workdir as train.run leaves it: config.json, tokenizer.model, and checkpoints 1 and 2 of a TrainState
+  (params and an Adam state), written with train.py's own pieces, random params instead of training (fast)."""
+  wd = tmp_path_factory.mktemp("gen_run")
+  config = tiny_config(corpus_dir)
+  tokenizer = train_tokenizer([p.read_text() for p in sorted(corpus_dir.glob("*.txt"))],
+                              vocab_size=config.data.tokenizer.vocab_size)
+  tokenizer.save(str(wd / "tokenizer.model"))
+  model_cfg = config_lib.resolve_model(config, tokenizer.vocab_size)
+  (wd / "config.json").write_text(json.dumps(train.resolved_config_dict(config, model_cfg)))
+  checkpointer = ckpt_lib.Checkpointer(str(wd / "checkpoints"), keep=2, async_save=False)
+  rng = np.random.default_rng(0)
+  for step in (1, 2):
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.3, a.shape), a.dtype),
+                          model_lib.abstract_params(model_cfg))
+    checkpointer.save(step, train.TrainState(step=jnp.int32(step), params=params, opt_state=optax.adamw(1e-3).init(
+        params), skipped=jnp.int32(0)), meta={"tokenizer_sha256": tokenizer.sha256})
+  checkpointer.close()
+  return str(wd)
 
 
 def test_load_run(workdir):
   cfg, params, tokenizer = generate.load_run(workdir)
-  assert (cfg.d_model, cfg.num_layers, cfg.vocab_size) == (32, 2, tokenizer.vocab_size)
+  assert (cfg.d_model, cfg.num_layers, cfg.num_kv_heads, cfg.vocab_size) == (32, 2, 1, tokenizer.vocab_size)
   shapes = jax.tree.map(lambda a: (a.shape, a.dtype), model_lib.abstract_params(cfg))
   assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == shapes
   _, first, _ = generate.load_run(workdir, step=1)

@@ -322,7 +322,7 @@ def write(path, lines):
 
 
 def test_jsonl_pairs_and_chats(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)  # relative paths: the split keys, and so the split, do not depend on tmp_path
+  monkeypatch.chdir(tmp_path)
   pairs = [{"prompt": f"question {i} 今天", "response": f"answer {i}"} for i in range(60)]
   write(tmp_path / "pairs.jsonl", [json.dumps(p, ensure_ascii=False) for p in pairs] + [""])
   chats = [{"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": f"u{i}"},
@@ -334,7 +334,7 @@ def test_jsonl_pairs_and_chats(tmp_path, monkeypatch):
   expected = [chat.from_pair(p["prompt"], p["response"]) for p in pairs] + [c["messages"] for c in chats]
   assert sorted(map(json.dumps, got["train"] + got["validation"])) == sorted(map(json.dumps, expected))
   expected_validation = [c["messages"] for i, c in enumerate(chats)
-                         if zlib.crc32(f"sub/chats.jsonl:{i + 2}".encode()) % 10_000 < 3000]
+                         if zlib.crc32(f"chats.jsonl:{i + 2}".encode()) % 10_000 < 3000]
   assert [c for c in got["validation"] if c[0]["role"] == "system"] == expected_validation
   assert 5 < len(expected_validation) < 25
   with pytest.raises(IndexError):

@@ -12,7 +12,7 @@
   otherwise: comma-separated globs (`**` allowed) of .jsonl files, one conversation per non-blank
       line: {"prompt": str, "response": str} or {"messages": [{"role": ..., "content": ...}, ...]}
       with roles system/user/assistant and at least one assistant message. Split by crc32 of
-      f"{file}:{line}", as sources.py does. Every line is validated when the spec is read: errors
+      f"{file name}:{line}", as sources.py does. Every line is validated when the spec is read: errors
       raise DataError naming the file and 1-based line.
 
 `sft_dataset(...)` tokenizes each conversation with the chat template, shifts it for next-token
@@ -54,7 +54,7 @@ def conversations(spec: str, split: str, *, validation_fraction: float = 0.1) ->
     source = convs
   else:
     source = _index_globs(spec)
-    keys = [f"{source.paths[f]}:{line}" for f, line in zip(source.file_ids, source.line_numbers)]
+    keys = [f"{os.path.basename(source.paths[f])}:{line}" for f, line in zip(source.file_ids, source.line_numbers)]
   in_validation = np.array([_bucket(k) for k in keys]) < validation_fraction * 10_000
   keep = np.flatnonzero(in_validation if split == "validation" else ~in_validation)
   if not len(keep):

@@ -49,10 +49,24 @@ def assert_close(got, want):
   assert rel <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def mesh_runs(corpus_dir, tmp_path_factory):
+  """name -> losses of a 10-step run on that mesh (cached: the two-process test reuses data=8)."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      workdir = str(tmp_path_factory.mktemp(name.replace(",", "_").replace("=", "")))
+      train.run(config(corpus_dir, MESHES[name]), workdir)
+      cache[name] = losses(workdir)
+    return cache[name]
+
+  return get
+
+
 @pytest.mark.parametrize("name", list(MESHES))
-def test_same_losses_on_every_mesh(reference, corpus_dir, tmp_path, name):
-  train.run(config(corpus_dir, MESHES[name]), str(tmp_path))
-  assert_close(losses(str(tmp_path)), reference)
+def test_same_losses_on_every_mesh(reference, mesh_runs, name):
+  assert_close(mesh_runs(name), reference)
 
 
 def test_gradient_accumulation_4x2_equals_batch_8(reference, corpus_dir, tmp_path):
@@ -61,7 +75,7 @@ def test_gradient_accumulation_4x2_equals_batch_8(reference, corpus_dir, tmp_pat
 
 
 def test_checkpoint_moves_between_meshes(reference, corpus_dir, tmp_path):
-  """Steps 1-5 on fsdp=8, then resume from checkpoint 5 on (2, 2, 2), then on one device for nothing more."""
+  """Steps 1-5 on fsdp=8, then resume from checkpoint 5 on (2, 2, 2), then 2 more steps on one device."""
   workdir = str(tmp_path)
   train.run(config(corpus_dir, (1, 8, 1)), workdir, stop_after=5)
   train.run(config(corpus_dir, (2, 2, 2)), workdir)
@@ -81,10 +95,8 @@ train.run(config(pathlib.Path(sys.argv[1]), (8, 1, 1)), sys.argv[2])
 """
 
 
-def test_two_processes_match_one(corpus_dir, tmp_path):
+def test_two_processes_match_one(corpus_dir, mesh_runs, tmp_path):
   """2 processes x 4 CPU devices (jax.distributed over localhost, gloo) == 1 process x 8 devices."""
-  one = str(tmp_path / "one")
-  train.run(config(corpus_dir, (8, 1, 1)), one)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -100,6 +112,6 @@ def test_two_processes_match_one(corpus_dir, tmp_path):
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
   assert "step 10/10" in outs[0] and "step 10/10" not in outs[1]  # only process 0 logs
-  assert_close(losses(two), losses(one))
+  assert_close(losses(two), mesh_runs("data=8"))
   files = os.listdir(os.path.join(two, "checkpoints", "10", "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(files)  # each process's data position
