@@ -20,7 +20,7 @@ from jaxllm import config as config_lib, metrics, model as model_lib, objectives
 
 
 def bench(config, model_cfg, steps: int) -> float:
-  objective = objectives.pretrain(model_cfg, config)
+  objective = objectives.next_token(model_cfg, config)
   tx = optim.optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh)
   init = functools.partial(train.init_state, init_trainable=objective.init_trainable, tx=tx)

@@ -9,7 +9,8 @@ from jaxllm import sharding
 def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                              # params init, data order, sampling
-  c.stage = "pretrain"                    # pretrain (sft and dpo come in later stages)
+  c.stage = "pretrain"                    # pretrain | sft: the loss and the data the run trains on
+  c.init_from = ""                        # start from this run's params (a workdir or .../checkpoints/N)
   c.init_from = ""                        # a workdir or checkpoint to start from ("" = from scratch)
 
   c.model = ml_collections.ConfigDict()

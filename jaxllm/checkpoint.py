@@ -46,6 +46,29 @@ class Checkpointer:
     self.manager.close()
 
 
+def resolve_run(path: str) -> tuple[str, int]:
+  """(run directory, step) of `init_from`: a run's workdir (its newest checkpoint) or one of its checkpoints
+  (`.../checkpoints/N`)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    step = ocp.CheckpointManager(os.path.join(path, "checkpoints")).latest_step()
+    if step is None:
+      raise FileNotFoundError(f"init_from: {path}/checkpoints holds no finished checkpoint")
+    return path, step
+  parent, name = os.path.split(path)
+  if os.path.basename(parent) == "checkpoints" and name.isdigit() and os.path.isdir(path):
+    return os.path.dirname(parent), int(name)
+  raise FileNotFoundError(f"init_from: {path!r} is neither a run directory (with checkpoints/) nor a checkpoint "
+                          "directory (.../checkpoints/N)")
+
+
+def load_params(run_dir: str, step: int):
+  """The trained params of a run's checkpoint, as host arrays (the caller places them on its mesh)."""
+  manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored["state"]["params"]
+
+
 def abstract_with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs carrying shardings: the restore target that places each array where the step wants it."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)

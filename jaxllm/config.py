@@ -10,7 +10,8 @@ import ml_collections
 
 from jaxllm import model as model_lib
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "sft")
+OVERLONG = ("truncate", "drop")
 SCHEDULES = ("cosine", "wsd", "constant")
 NAN_POLICIES = ("abort", "skip")
 
@@ -67,6 +68,23 @@ def resolve_model(config, vocab_size: int) -> model_lib.ModelConfig:
     raise ConfigError(str(e)) from e
 
 
+def model_from_run(config, run_dir: str) -> model_lib.ModelConfig:
+  """The ModelConfig of the run `init_from` names (its config.json), with this config's compute choices
+  (dtype, scan, remat). Shapes set in this config must agree with it."""
+  import json
+  import os
+
+  with open(os.path.join(run_dir, "config.json")) as f:
+    fields = json.load(f)["model"]
+  fields = {k: v for k, v in fields.items() if k in {f.name for f in dataclasses.fields(model_lib.ModelConfig)}}
+  for key, value in model_overrides(config).items():
+    if key in ("dtype", "scan_layers", "remat_policy"):
+      fields[key] = value
+    elif value is not None and value != fields[key]:
+      raise ConfigError(f"model.{key}: {value} differs from {fields[key]} in the run init_from names ({run_dir})")
+  return model_lib.ModelConfig(**fields)
+
+
 def validate(config, num_devices: int | None = None):
   """Checks a resolved config; raises ConfigError naming the key. Cheap: compiles nothing."""
   c = config
@@ -104,6 +122,13 @@ def validate(config, num_devices: int | None = None):
          f"{c.data.tokenizer.vocab_size} is too small for byte fallback (needs >= 260)")
   _check(0 < c.data.validation_fraction < 1, "data.validation_fraction",
          f"{c.data.validation_fraction} must be in (0, 1)")
+  if c.init_from:
+    import os
+    _check(os.path.exists(c.init_from), "init_from", f"no such run or checkpoint: {c.init_from!r}")
+  if c.stage == "sft":
+    _check("prompt_loss_weight" in c.data and 0 <= c.data.prompt_loss_weight <= 1, "data.prompt_loss_weight",
+           "must be in [0, 1] (0 = loss on answers only, 1 = on every token)")
+    _check(c.data.get("overlong") in OVERLONG, "data.overlong", f"{c.data.get('overlong')!r} is not one of {OVERLONG}")
   validate_mesh(c, num_devices)
 
 

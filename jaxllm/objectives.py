@@ -22,8 +22,9 @@ class Objective:
   init_trainable: Callable  # (rng) -> boxed trainable params (logical axes attached) for eval_shape/init
 
 
-def pretrain(model_cfg: model_lib.ModelConfig, config) -> Objective:
-  """Next-token cross-entropy on every real token; the batch carries the mask (padding, doc boundaries)."""
+def next_token(model_cfg: model_lib.ModelConfig, config) -> Objective:
+  """Weighted next-token cross-entropy. The batch's loss_mask holds the weights: for pretraining 1 on every
+  real token (0 on padding and across documents); for SFT 1 on answers, data.prompt_loss_weight elsewhere."""
   z_loss = config.train.z_loss
 
   def loss_fn(params, batch, frozen=None):
@@ -42,6 +43,6 @@ def pretrain(model_cfg: model_lib.ModelConfig, config) -> Objective:
 
 
 def make(model_cfg: model_lib.ModelConfig, config) -> Objective:
-  if config.stage == "pretrain":
-    return pretrain(model_cfg, config)
+  if config.stage in ("pretrain", "sft"):  # the same loss; the data pipelines differ in loss_mask
+    return next_token(model_cfg, config)
   raise ValueError(f"stage: {config.stage!r} has no objective")

@@ -16,10 +16,8 @@ import time
 from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
@@ -27,8 +25,7 @@ from jaxllm import checkpoint as ckpt_lib
 from jaxllm import distributed
 from jaxllm import config as config_lib
 from jaxllm import generate, metrics as metrics_lib, model as model_lib, objectives, optim, sharding
-from jaxllm.data import pipeline, sources
-from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
+from jaxllm.data import chat, loaders
 
 
 @struct.dataclass
@@ -91,31 +88,6 @@ def eval_step(params, batch, frozen, *, eval_fn):
 # ----------------------------------------------------------------------------------------------- setup
 
 
-def prepare_tokenizer(config, workdir: str, train_docs) -> Tokenizer:
-  """The run's tokenizer: the workdir's (a resumed run), the configured path, or one trained on the corpus."""
-  saved = os.path.join(workdir, "tokenizer.model")
-  path = config.data.tokenizer.path
-  if path and not os.path.exists(path):
-    raise FileNotFoundError(f"data.tokenizer.path: no file {path!r}")
-  if os.path.exists(saved):
-    tok = Tokenizer.from_file(saved)
-    if path and Tokenizer.from_file(path).sha256 != tok.sha256:
-      raise ValueError(f"data.tokenizer.path: {path!r} differs from the tokenizer this run was started with "
-                       f"({saved}); resume with the same tokenizer or use a new workdir")
-    return tok
-  if path:
-    tok = Tokenizer.from_file(path)
-  else:
-    t = config.data.tokenizer
-    start = time.time()
-    tok = train_tokenizer((train_docs[i] for i in range(len(train_docs))), vocab_size=t.vocab_size,
-                          model_type=t.model_type, max_sentences=t.max_sentences, seed=config.seed)
-    _log(f"trained a {tok.vocab_size}-piece sentencepiece tokenizer in {time.time() - start:.1f}s")
-  if jax.process_index() == 0:
-    tok.save(saved)
-  return tok
-
-
 def resolved_config_dict(config, model_cfg: model_lib.ModelConfig) -> dict:
   """config.json: the config as run, with the model fields resolved from the preset and the tokenizer."""
   out = config.to_dict()
@@ -126,43 +98,6 @@ def resolved_config_dict(config, model_cfg: model_lib.ModelConfig) -> dict:
 def _log(message: str):
   if jax.process_index() == 0:
     print(message, flush=True)
-
-
-def data_shards(config) -> tuple[int, list[int]]:
-  """(number of data shards, this process's shards). A batch is the concatenation of batch_size/num_shards
-  rows from each shard in order, whatever the number of processes reading them."""
-  shards = config.data.num_shards or jax.process_count()
-  if shards % jax.process_count() or config.train.batch_size % shards:
-    raise config_lib.ConfigError(
-        f"data.num_shards: {shards} shards must be a multiple of the {jax.process_count()} processes and "
-        f"divide train.batch_size={config.train.batch_size}")
-  per_process = shards // jax.process_count()
-  return shards, list(range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process))
-
-
-def make_dataset(config, docs, tokenizer, *, train: bool):
-  """This process's part of each global batch: training (shuffled, repeated) or validation (one pass)."""
-  shards, local = data_shards(config)
-  t = config.train
-  parts = [pipeline.pretrain_dataset(docs, tokenizer, seq_len=t.seq_len, batch_size=t.batch_size // shards,
-                                     seed=config.seed if train else config.seed + 1, repeat=train,
-                                     process_index=shard, process_count=shards)
-           for shard in local]
-  if len(parts) == 1:
-    return parts[0]
-  zipped = grain.experimental.ZipIterDataset(parts, strict=train)
-  return zipped.map(lambda rows: {k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
-
-
-def _eval_batches(config, docs, tokenizer) -> list[dict]:
-  """A fixed sample of validation batches (shuffled once with a seed, so it spans many documents)."""
-  t = config.train
-  ds = make_dataset(config, docs, tokenizer, train=False)
-  batches = [b for _, b in zip(range(t.eval_batches), ds)]
-  if t.eval_batches and not batches:
-    raise ValueError(f"data.validation_fraction: the validation split of {config.data.sources!r} is too small "
-                     f"for one batch of {t.batch_size}x{t.seq_len} tokens")
-  return batches
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -178,11 +113,15 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   config_lib.validate(config, num_devices=len(devices))
   os.makedirs(workdir, exist_ok=True)
   t = config.train
-  train_docs = sources.documents(config.data.sources, "train", validation_fraction=config.data.validation_fraction)
-  val_docs = sources.documents(config.data.sources, "validation",
-                               validation_fraction=config.data.validation_fraction)
-  tokenizer = prepare_tokenizer(config, workdir, train_docs)
-  model_cfg = config_lib.resolve_model(config, tokenizer.vocab_size)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  start_step = checkpointer.latest_step()
+  init_from = ckpt_lib.resolve_run(config.init_from) if config.init_from and start_step is None else None
+  train_source, val_source = loaders.load_sources(config)
+  tokenizer = loaders.prepare_tokenizer(config, workdir, train_source, init_from and init_from[0])
+  if init_from:
+    model_cfg = config_lib.model_from_run(config, init_from[0])
+  else:
+    model_cfg = config_lib.resolve_model(config, tokenizer.vocab_size)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved_config_dict(config, model_cfg), f, indent=2)
@@ -198,12 +137,11 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
 
-  data_iter = iter(make_dataset(config, train_docs, tokenizer, train=True))
-  eval_batches = [sharding.put_batch(b, batch_sharding) for b in _eval_batches(config, val_docs, tokenizer)]
+  data_stats = []  # SFT: counts of truncated and dropped examples, per local data shard
+  data_iter = iter(loaders.make_dataset(config, train_source, tokenizer, train=True, stats=data_stats))
+  eval_batches = [sharding.put_batch(b, batch_sharding) for b in loaders.eval_batches(config, val_source, tokenizer)]
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   meta = {"tokenizer_sha256": tokenizer.sha256, "model": dataclasses.asdict(model_cfg)}
-  start_step = checkpointer.latest_step()
   if start_step is not None:
     saved_meta = checkpointer.restore_meta(start_step)
     if saved_meta.get("tokenizer_sha256") != tokenizer.sha256:
@@ -215,6 +153,10 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   else:
     start_step = 0
     state = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=state_sharding)(rng)
+    if init_from:  # start from another run's params; the optimizer state starts fresh
+      params = ckpt_lib.load_params(*init_from)
+      state = state.replace(params=jax.device_put(params, state_sharding.params))
+      _log(f"initialized from {init_from[0]}/checkpoints/{init_from[1]}")
 
   n_params = model_lib.num_params(model_cfg)
   flops_per_token = model_lib.flops_per_token(model_cfg, t.seq_len)
@@ -261,6 +203,9 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
       tps = tokens_per_step * window[1] / elapsed if window[1] and elapsed > 0 else 0.0
       row = {k: float(v) for k, v in m.items() if k != "finite"}
       row.update(tokens_per_sec=tps, mfu=tps * flops_per_token / peak)
+      if data_stats:
+        row.update({"data/truncated": sum(s.truncated for s in data_stats),
+                    "data/dropped": sum(s.dropped for s in data_stats)})
       writer.write(step, row)
       _log(progress.line(step, row))
       last = row
@@ -270,6 +215,8 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
     row = evaluate(state.params)  # the baseline every later validation loss is compared with
     writer.write(0, row)
     _log(f"step 0/{t.steps} | eval loss {row['eval/loss']:.4f} | ppl {row['eval/perplexity']:.2f}")
+  if start_step == 0 and init_from:
+    print_samples(config, model_cfg, state.params, tokenizer, when="before training")
 
   pending = None
   for step in range(start_step + 1, min(t.steps, stop_after or t.steps) + 1):
@@ -298,20 +245,29 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
     plot = metrics_lib.plot_losses(workdir)
     if plot:
       _log(f"loss curve: {plot}")
-  print_samples(config, model_cfg, state.params, tokenizer)
+  print_samples(config, model_cfg, state.params, tokenizer, when="after training")
   return last
 
 
-def print_samples(config, model_cfg, params, tokenizer):
+def print_samples(config, model_cfg, params, tokenizer, *, when: str):
+  """Pretraining: continuations of train.sample_prompts. SFT: answers to them as user turns (greedy)."""
   t = config.train
   if not t.num_samples:
     return
-  prompts = list(t.sample_prompts)[: t.num_samples]
-  outs = generate.sample(model_cfg, params, [tokenizer.encode(p) for p in prompts], max_new_tokens=t.sample_tokens,
-                         rng=jax.random.key(config.seed), temperature=0.8, top_k=40, eos_id=tokenizer.eos_id,
+  stops = [tokenizer.eos_id]
+  texts = list(t.sample_prompts)[: t.num_samples]
+  if config.stage == "pretrain":
+    prompts = [tokenizer.encode(p) for p in texts]
+  else:
+    prompts = [chat.render_prompt([{"role": "user", "content": p}], tokenizer) for p in texts]
+    stops.append(tokenizer.token_id(chat.DEFAULT_TEMPLATE.end))
+  outs = generate.generate(model_cfg, params, prompts, max_new_tokens=t.sample_tokens, rng=jax.random.key(config.seed),
+                         temperature=0.0 if config.stage == "sft" else 0.8, top_k=40, stop_ids=stops,
                          vocab_limit=tokenizer.vocab_size)
-  for p, o in zip(prompts, outs):
-    _log(f"--- sample ---\n{p}{tokenizer.decode(o)}")
+  _log(f"--- samples {when} ---")
+  for text, out in zip(texts, outs):
+    answer = tokenizer.decode([i for i in out if i not in stops])
+    _log(f"{text}{answer}" if config.stage == "pretrain" else f"Q: {text}\nA: {answer}")
 
 
 def main(argv):

@@ -23,19 +23,24 @@ PROMPTS = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13], [200], [3, 1, 4, 1, 5]]
 NEW = 8
 
 
-@pytest.fixture(scope="module")
-def scan_params():
-  return model_lib.init(CFG, jax.random.key(0))
+def random_params(cfg, seed):
+  """Params of the model's shapes drawn with numpy (model.init's compilation costs more than this file's tests):
+  norm scales near 1, other weights N(0, 0.3²)."""
+  rng = np.random.default_rng(seed)
+  draw = lambda path, a: (1.0 + 0.1 * rng.standard_normal(a.shape) if "scale" in jax.tree_util.keystr(path)
+                          else 0.3 * rng.standard_normal(a.shape)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, model_lib.abstract_params(cfg))
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["scan", "loop"])
-def model(request, scan_params):
+def model(request):
   """(config, params) with nn.scan over layers, or a Python loop over the same weights unstacked."""
+  params = random_params(CFG, 0)
   if request.param:
-    return CFG, scan_params
-  loop_params = {k: v for k, v in scan_params.items() if k != "layers"}
+    return CFG, params
+  loop_params = {k: v for k, v in params.items() if k != "layers"}
   for i in range(CFG.num_layers):
-    loop_params[f"layers_{i}"] = jax.tree.map(lambda a: a[i], scan_params["layers"])
+    loop_params[f"layers_{i}"] = jax.tree.map(lambda a: a[i], params["layers"])
   return dataclasses.replace(CFG, scan_layers=False), loop_params
 
 
@@ -83,7 +88,7 @@ def test_cached_logits_equal_forward_logits(model, fwd):
   are those of `forward` on that row's unpadded sequence."""
   cfg, params = model
   p, b = max(map(len, PROMPTS)), len(PROMPTS)
-  tokens = np.array(jax.random.randint(jax.random.key(1), (b, p), 0, CFG.vocab_size))
+  tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (b, p)).astype(np.int32)
   segments, positions = np.zeros((b, p), np.int32), np.zeros((b, p), np.int32)
   for i, prompt in enumerate(PROMPTS):
     n = len(prompt)
@@ -178,10 +183,8 @@ def workdir(corpus_dir, tmp_path_factory):
   model_cfg = config_lib.resolve_model(config, tokenizer.vocab_size)
   (wd / "config.json").write_text(json.dumps(train.resolved_config_dict(config, model_cfg)))
   checkpointer = ckpt_lib.Checkpointer(str(wd / "checkpoints"), keep=2, async_save=False)
-  rng = np.random.default_rng(0)
   for step in (1, 2):
-    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.3, a.shape), a.dtype),
-                          model_lib.abstract_params(model_cfg))
+    params = random_params(model_cfg, step)
     checkpointer.save(step, train.TrainState(step=jnp.int32(step), params=params, opt_state=optax.adamw(1e-3).init(
         params), skipped=jnp.int32(0)), meta={"tokenizer_sha256": tokenizer.sha256})
   checkpointer.close()
