@@ -38,3 +38,102 @@ def next_token_loss(logits_BxTxV, targets_BxT, mask_BxT, *, z_loss: float = 0.0)
 def sequence_logprobs(logits_BxTxV, targets_BxT, mask_BxT):
   """Σ over tokens of mask·log p(target): the log-probability of each row's masked tokens, [B]."""
   return -jnp.sum(token_losses(logits_BxTxV, targets_BxT) * mask_BxT, axis=-1)
+
+
+# ------------------------------------------------------------------------------------- preference losses
+# B here is the number of (chosen, rejected) pairs; every *_logps argument is float [B].
+
+DPO_KINDS = ("sigmoid", "ipo", "simpo")
+
+
+def answer_lengths(mask_BxT):
+  """Σ mask per row: the number of answer tokens of each sequence, float32 [B]."""
+  return jnp.sum(mask_BxT.astype(jnp.float32), axis=-1)
+
+
+def mean_sequence_logprobs(logits_BxTxV, targets_BxT, mask_BxT):
+  """`sequence_logprobs` divided by the answer length: the per-token average log-prob that SimPO compares
+  (0 for a row with an all-zero mask), [B]."""
+  return sequence_logprobs(logits_BxTxV, targets_BxT, mask_BxT) / jnp.maximum(answer_lengths(mask_BxT), 1e-8)
+
+
+def dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+               beta, kind="sigmoid", label_smoothing=0.0, gamma=0.0):
+  """Per-pair losses and implicit rewards: (loss_B, chosen_rewards_B, rejected_rewards_B), float32.
+
+  With π·/ref· the policy/reference log-probs of the chosen (c) and rejected (r) answers, the log-ratio
+  margin Δ = (πc − refc) − (πr − refr) and ε = label_smoothing:
+    sigmoid  DPO (cDPO if ε > 0):  h = β·Δ,  loss = −(1 − ε)·log σ(h) − ε·log σ(−h)
+    ipo      IPO (Azar et al. 2023, eq. 17, with β as their τ; also TRL's convention):  loss = (Δ − 1/(2β))².
+             TRL divides the log-probs by the answer length for IPO; here the caller chooses what to pass.
+    simpo    SimPO (Meng et al. 2024): pass length-normalised policy log-probs (`mean_sequence_logprobs`); no
+             reference (its arguments are ignored and may be None).  h = β·(πc − πr) − γ, loss as sigmoid.
+  Rewards are β·(π − ref) (β·π for simpo). `gamma` is SimPO's target margin; label smoothing has no IPO form.
+  """
+  if kind not in DPO_KINDS:
+    raise ValueError(f"dpo kind must be one of {DPO_KINDS}, got {kind!r}")
+  if isinstance(beta, (int, float)) and beta <= 0:
+    raise ValueError(f"dpo beta must be > 0, got {beta}")
+  if not 0.0 <= label_smoothing <= 0.5:
+    raise ValueError(f"dpo label_smoothing must be in [0, 0.5], got {label_smoothing}")
+  if kind == "ipo" and label_smoothing:
+    raise ValueError("dpo label_smoothing has no IPO form (use kind='sigmoid' for cDPO)")
+  if kind != "simpo" and gamma:
+    raise ValueError(f"dpo gamma is SimPO's target margin; kind {kind!r} has none")
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  pc_B, pr_B = f32(policy_chosen_logps), f32(policy_rejected_logps)
+  if kind == "simpo":
+    chosen_B, rejected_B = pc_B, pr_B
+  else:
+    if ref_chosen_logps is None or ref_rejected_logps is None:
+      raise ValueError(f"dpo kind {kind!r} needs the reference log-probs")
+    chosen_B, rejected_B = pc_B - f32(ref_chosen_logps), pr_B - f32(ref_rejected_logps)
+  margin_B = chosen_B - rejected_B
+  if kind == "ipo":
+    loss_B = (margin_B - 1.0 / (2.0 * beta)) ** 2
+  else:
+    h_B = beta * margin_B - gamma
+    loss_B = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h_B) - label_smoothing * jax.nn.log_sigmoid(-h_B)
+  return loss_B, beta * chosen_B, beta * rejected_B
+
+
+def dpo_loss_sum(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
+                 *, beta, kind="sigmoid", label_smoothing=0.0, gamma=0.0):
+  """(Σ loss, number of pairs, {metric: Σ over pairs}): the sum form of `dpo_loss` (same metrics)."""
+  loss_B, chosen_B, rejected_B = dpo_losses(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta, kind=kind,
+      label_smoothing=label_smoothing, gamma=gamma)
+  sums = {
+      "rewards/chosen": jnp.sum(chosen_B),
+      "rewards/rejected": jnp.sum(rejected_B),
+      "rewards/margin": jnp.sum(chosen_B - rejected_B),
+      "rewards/accuracy": jnp.sum((chosen_B > rejected_B).astype(jnp.float32)),  # a tie counts as wrong
+      "logps/chosen": jnp.sum(jnp.asarray(policy_chosen_logps, jnp.float32)),
+      "logps/rejected": jnp.sum(jnp.asarray(policy_rejected_logps, jnp.float32)),
+  }
+  return jnp.sum(loss_B), jnp.float32(loss_B.shape[0]), sums
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+             beta, kind="sigmoid", label_smoothing=0.0, gamma=0.0):
+  """Mean preference loss over the B pairs and its metrics (means over the pairs): `(loss, metrics)`.
+
+  Inputs are [B] sequence log-probs of the answers (`sequence_logprobs` over answer tokens; length-normalised
+  for simpo). See `dpo_losses` for the kinds. Metrics: rewards/chosen and rewards/rejected (β·(π − ref), or β·π
+  for simpo), rewards/margin (their difference), rewards/accuracy (fraction of pairs whose chosen reward is
+  strictly greater: ties, e.g. policy == reference at step 0, count as wrong), logps/chosen, logps/rejected.
+  """
+  total, count, sums = dpo_loss_sum(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                    ref_rejected_logps, beta=beta, kind=kind, label_smoothing=label_smoothing,
+                                    gamma=gamma)
+  return total / count, {k: v / count for k, v in sums.items()}
+
+
+def kl_estimate(policy_chosen_logps, ref_chosen_logps):
+  """Mean over the batch of log π(c) − log π_ref(c) on the chosen answers of the data.
+
+  A sequence-level log-ratio measured on the dataset's answers, not KL(π‖π_ref): that needs answers sampled
+  from π, which an offline step does not have. It tracks how far the policy has moved on the data (it is
+  rewards/chosen / β for sigmoid and ipo) and can be negative.
+  """
+  return jnp.mean(jnp.asarray(policy_chosen_logps, jnp.float32) - jnp.asarray(ref_chosen_logps, jnp.float32))

@@ -31,6 +31,7 @@ RULES = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("layers", None),
+    ("lora_rank", None),  # the rank dim of LoRA's A and B: small, replicated
 )
 
 

@@ -1,0 +1,339 @@
+"""Preference data for DPO: (prompt, chosen, rejected) pairs and the grain pipeline of their rows.
+
+`pairs(spec, split)` returns a random-access sequence of pairs {"prompt": messages, "chosen": str,
+"rejected": str}, where the prompt is a conversation ending in a user message (chat.py) and the two answers
+are candidate assistant replies to it:
+
+  spec "chatterbot[:lang,...]": built from the SFT conversations of the same spec and split
+      (`sft.conversations`), so with the same validation_fraction in both stages a held-out pair comes from a
+      conversation SFT never trained on. Validation also leaves out the conversations whose first user turn is
+      a user turn of a training conversation (short questions recur: about 27% with the defaults), so no
+      held-out prompt was trained on, in SFT or DPO. One pair per conversation: its first user turn, the real
+      reply as chosen, and a rejected reply that is, for a fraction 1 - hard_fraction of the pairs, "random":
+      the reply of another conversation of the split (any language of the spec), and for the rest a hard
+      negative, one of these chosen uniformly among those that apply (falling back to "random" if none does):
+        "nearby"      the reply of a conversation at most 16 places away in the split, in the same language
+                      (the corpus lists each topic file's dialogs together, so almost always the same topic)
+        "later_turn"  the reply to a later user turn of the same conversation (multi-turn dialogs)
+        "shuffled"    the real reply with its words shuffled (replies of >= 3 whitespace-separated words)
+        "truncated"   the real reply cut after the first half of its words (replies of >= 4 words)
+      Rejected replies come from the same split only and never equal the chosen reply, nor come from a
+      conversation with the same first user turn (compared casefolded, whitespace-normalised). Each pair also
+      has a "negative" key naming its kind. Deterministic given (spec, split, validation_fraction, seed,
+      hard_fraction).
+  otherwise: comma-separated globs (`**` allowed) of .jsonl files, one pair per non-blank line with
+      "prompt" (a string, the user turn, or a list of messages ending with a user message) and "chosen" and
+      "rejected" (each a string, or a list of one assistant message). Split by crc32 of f"{file name}:{line}"
+      as sft.py does; every line is validated when the spec is read: errors raise DataError naming the file
+      and 1-based line.
+
+`preference_dataset(...)` renders prompt + answer with the chat template for both answers and puts each pair
+in one row of a chosen batch and the same row of a rejected batch (no packing); see its docstring.
+"""
+
+import array
+import functools
+import glob
+import json
+import os
+import re
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from jaxllm.data import chat, sft
+from jaxllm.data.sft import SFTStats
+from jaxllm.data.sources import DataError
+from jaxllm.data.tokenizer import Tokenizer
+
+HARD_NEGATIVES = ("nearby", "later_turn", "shuffled", "truncated")
+NEARBY_WINDOW = 16  # "nearby" negatives come from conversations at most this many places away
+SIDES = ("chosen", "rejected")
+FEATURES = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def pairs(spec: str, split: str, *, validation_fraction: float = 0.1, seed: int = 0,
+          hard_fraction: float = 0.5) -> Sequence[dict]:
+  """The preference pairs of `split` ("train" or "validation") described by `spec` (see module doc).
+  `seed` and `hard_fraction` only shape the chatterbot pairs."""
+  if not 0.0 <= hard_fraction <= 1.0:
+    raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
+  if spec == sft.CHATTERBOT or spec.startswith(sft.CHATTERBOT + ":"):
+    return chatterbot_pairs(spec, split, validation_fraction=validation_fraction, seed=seed,
+                            hard_fraction=hard_fraction)
+  if split not in ("train", "validation"):
+    raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+  source = _index_globs(spec)
+  keys = [f"{os.path.basename(source.paths[f])}:{line}" for f, line in zip(source.file_ids, source.line_numbers)]
+  in_validation = np.array([sft._bucket(k) for k in keys]) < validation_fraction * 10_000
+  keep = np.flatnonzero(in_validation if split == "validation" else ~in_validation)
+  if not len(keep):
+    raise DataError(f"spec {spec!r} has no pairs in split {split!r} (validation_fraction={validation_fraction})")
+  return source.select(keep)
+
+
+def chatterbot_pairs(spec: str, split: str, *, validation_fraction: float = 0.1, seed: int = 0,
+                     hard_fraction: float = 0.5) -> list[dict]:
+  """Pairs from the chatterbot conversations of `spec` and `split` (see module doc)."""
+  convs = sft.conversations(spec, split, validation_fraction=validation_fraction)
+  if split == "validation":  # held out: no prompt that SFT or DPO training sees as a user turn
+    try:
+      train = sft.conversations(spec, "train", validation_fraction=validation_fraction)
+      seen = {_normalise(m["content"]) for c in train for m in c if m["role"] == "user"}
+    except DataError:  # validation_fraction = 1: no training conversations
+      seen = set()
+    convs = [c for c in convs if _normalise(c[0]["content"]) not in seen]
+  language_of = _chatterbot_language_of(spec)
+  languages = [language_of[json.dumps(c, ensure_ascii=False)] for c in convs]
+  prompts = [_normalise(c[0]["content"]) for c in convs]
+  answers = [_normalise(c[1]["content"]) for c in convs]
+  n = len(convs)
+  rng = np.random.default_rng(seed)
+  hard = np.zeros(n, bool)
+  hard[rng.permutation(n)[:round(hard_fraction * n)]] = True
+
+  def usable(i, text, j=None):  # may `text` (the reply of conversation j, if any) be i's rejected reply?
+    return _normalise(text) != answers[i] and (j is None or (j != i and prompts[j] != prompts[i]))
+
+  def other_reply(i, candidates):  # the first usable one from a random start in `candidates`, else None
+    start = int(rng.integers(len(candidates))) if candidates else 0
+    for t in range(len(candidates)):
+      j = candidates[(start + t) % len(candidates)]
+      if usable(i, convs[j][1]["content"], j):
+        return convs[j][1]["content"]
+    return None
+
+  def negative(i, kind):
+    conv, reply = convs[i], convs[i][1]["content"]
+    words = reply.split()
+    if kind == "nearby":
+      near = [j for j in range(max(0, i - NEARBY_WINDOW), min(n, i + NEARBY_WINDOW + 1))
+              if languages[j] == languages[i]]
+      return other_reply(i, near)
+    if kind == "later_turn":
+      later = [m["content"] for m in conv[3::2] if usable(i, m["content"])]
+      return later[int(rng.integers(len(later)))] if later else None
+    if kind == "shuffled" and len(words) >= 3:
+      for _ in range(8):
+        text = " ".join(words[k] for k in rng.permutation(len(words)))
+        if usable(i, text):
+          return text
+    if kind == "truncated" and len(words) >= 4:
+      text = reply[:[m.end() for m in re.finditer(r"\S+", reply)][len(words) // 2 - 1]]
+      return text if usable(i, text) else None
+    return None
+
+  out = []
+  for i, conv in enumerate(convs):
+    rejected, kind = None, "random"
+    if hard[i]:
+      for kind in rng.permutation(HARD_NEGATIVES):
+        if (rejected := negative(i, str(kind))) is not None:
+          break
+    if rejected is None:
+      rejected, kind = other_reply(i, range(n)), "random"
+    if rejected is not None:  # else a tiny split where every other reply is unusable: no pair
+      out.append({"prompt": conv[:1], "chosen": conv[1]["content"], "rejected": rejected,
+                  "negative": str(kind)})
+  if not out:
+    raise DataError(f"spec {spec!r} split {split!r}: too few conversations to draw rejected replies from")
+  return out
+
+
+def _normalise(text: str) -> str:
+  return " ".join(text.casefold().split())
+
+
+def _chatterbot_language_of(spec: str) -> dict[str, str]:
+  """{conversation JSON: language} over the spec's languages (first language wins, as in the dedup)."""
+  languages = [s.strip() for s in spec.partition(":")[2].split(",") if s.strip()]
+  out = {}
+  for language in sorted(set(languages or sft.chatterbot_languages())):
+    for conv in sft.chatterbot_conversations([language]):
+      out.setdefault(json.dumps(conv, ensure_ascii=False), language)
+  return out
+
+
+class FilePairs(sft.FileConversations):
+  """Pairs stored in JSONL files, read and converted in __getitem__ (see sft.FileConversations)."""
+
+  def __getitem__(self, i: int) -> dict:
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"pair {i} out of range for {len(self)} pairs")
+    with open(self.paths[self.file_ids[i]], "rb") as f:
+      f.seek(int(self.offsets[i]))
+      return _to_pair(json.loads(f.readline()))
+
+  def select(self, indices) -> "FilePairs":
+    return FilePairs(self.paths, self.file_ids[indices], self.offsets[indices], self.line_numbers[indices])
+
+
+def _to_pair(record) -> dict:
+  """A JSONL record -> {"prompt": messages, "chosen": str, "rejected": str}; ValueError if invalid."""
+  if not isinstance(record, dict):
+    raise ValueError("not a JSON object")
+  for field in ("prompt", *SIDES):
+    if field not in record:
+      raise ValueError(f"no {field!r} field (expected 'prompt', 'chosen' and 'rejected')")
+  prompt = record["prompt"]
+  if isinstance(prompt, str):
+    messages = [{"role": "user", "content": prompt}]
+  elif isinstance(prompt, list):
+    try:
+      chat.check_messages(prompt)
+    except ValueError as e:
+      raise ValueError(f"'prompt': {e}") from None
+    if prompt[-1]["role"] != "user":
+      raise ValueError("'prompt' must end with a user message")
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+  else:
+    raise ValueError("'prompt' must be a string or a list of messages")
+  out = {"prompt": messages}
+  for field in SIDES:
+    answer = record[field]
+    if (isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], dict)
+        and answer[0].get("role") == "assistant"):
+      answer = answer[0].get("content")
+    if not isinstance(answer, str):
+      raise ValueError(f"{field!r} must be a string or a list of one assistant message")
+    out[field] = answer
+  return out
+
+
+def _index_globs(spec: str) -> FilePairs:
+  paths = set()
+  for pattern in (p.strip() for p in spec.split(",") if p.strip()):
+    matched = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    if not matched:
+      raise DataError(f"glob {pattern!r} matches no file")
+    paths.update(matched)
+  paths = sorted(paths)
+  file_ids, offsets, line_numbers = array.array("i"), array.array("q"), array.array("q")
+  for file_id, path in enumerate(paths):
+    if not path.endswith(".jsonl"):
+      raise DataError(f"{path}: unsupported file type (preference data is .jsonl)")
+    count = len(offsets)
+    for offset, line_number in _index_jsonl(path):
+      file_ids.append(file_id)
+      offsets.append(offset)
+      line_numbers.append(line_number)
+    if len(offsets) == count:
+      raise DataError(f"{path}: empty file (no pairs)")
+  return FilePairs(paths, *(np.frombuffer(a, np.dtype(a.typecode)) for a in (file_ids, offsets, line_numbers)))
+
+
+def _index_jsonl(path: str):
+  """Yields (byte offset, 1-based line number) of each non-blank line, validated strictly."""
+  offset = 0
+  with open(path, "rb") as f:
+    for line_number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          record = json.loads(line)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+          raise DataError(f"{path}:{line_number}: invalid JSON ({e})") from None
+        try:
+          _to_pair(record)
+        except ValueError as e:
+          raise DataError(f"{path}:{line_number}: {e}") from None
+        yield offset, line_number
+      offset += len(line)
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+
+def preference_dataset(
+    pairs: Sequence[dict],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    repeat: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    overlong: str = "truncate",
+    template: chat.ChatTemplate = chat.DEFAULT_TEMPLATE,
+    stats: SFTStats | None = None,
+) -> grain.IterDataset:
+  """Batches of pairs, one pair per row: for each side s in (chosen, rejected), numpy arrays [batch_size, seq_len]
+
+    s_inputs, s_targets, s_segment_ids, s_positions (int32) and s_loss_mask (float32)
+
+  Row b of both sides is pair b: chat.render(prompt + [assistant: answer]) shifted for next-token prediction as in
+  sft.make_example, the loss mask 1 on the answer's tokens and its <|end|>, 0 on the prompt; then padding
+  (segment 0, pad_id, position 0, mask 0); segment id 1 and positions 0, 1, ... on real tokens. The two sides
+  share the prompt tokens exactly. `concat_sides` stacks them into one [2·batch_size, seq_len] batch.
+
+  A pair is over-long when either side has more than seq_len + 1 tokens. overlong="truncate" cuts the prompt
+  from the left, the same for both sides, so that the longer answer fits while the prompt keeps at least
+  min(its length, (seq_len + 1) // 2) tokens; answers that still do not fit are cut on the right (losing their
+  <|end|>). overlong="drop" drops the pair. Pass an `SFTStats` as `stats` to read the counts, in pairs:
+  examples (pairs kept), truncated, dropped_too_long (dropped_no_loss stays 0: an answer always keeps a token).
+
+  Sharding, shuffling, epochs and repeat=False behave as in `sft_dataset`: process_index reads pairs
+  process_index, process_index + process_count, ...; with repeat=False the last partial batch is dropped.
+  `iter(ds)` supports get_state() / set_state(), also after a JSON round trip; the stats are restored with it.
+  """
+  if overlong not in sft.OVERLONG_POLICIES:
+    raise ValueError(f"overlong must be one of {sft.OVERLONG_POLICIES}, got {overlong!r}")
+  chat.check_tokenizer(tokenizer, template)  # fail now, not in a worker thread
+  ds = grain.MapDataset.source(pairs)[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed)
+  if repeat:
+    ds = ds.repeat()  # reseeds the shuffle each epoch
+  ds = ds.map(functools.partial(make_pair_example, tokenizer=tokenizer, seq_len=seq_len, template=template,
+                                overlong=overlong))
+  # sft's counting filter: drops what make_pair_example marked as dropped; its counts live in the iterator state.
+  ds = sft._CountAndFilter(ds.to_iter_dataset(), stats if stats is not None else SFTStats())
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def make_pair_example(pair: dict, tokenizer: Tokenizer, *, seq_len: int,
+                      template: chat.ChatTemplate = chat.DEFAULT_TEMPLATE, overlong: str = "truncate") -> dict:
+  """One pair -> the padded [seq_len] features of both sides (see preference_dataset) and a "status" (kept,
+  truncated, too long) with sft.make_example's codes; a dropped pair has empty features."""
+  prompt_ids = chat.render_prompt(pair["prompt"], tokenizer, template)  # ends with "<|assistant|>\n"
+  answers = {}
+  for side in SIDES:  # render is prefix-stable: render(prompt + [answer]) = prompt_ids + answer ids
+    ids, mask = chat.render([{"role": "assistant", "content": pair[side]}], tokenizer, template)
+    head = mask.index(1.0)  # the "<|assistant|>\n" that prompt_ids already ends with
+    answers[side] = ids[head:], mask[head:]
+  budget, longest = seq_len + 1, max(len(a) for a, _ in answers.values())
+  status = sft._KEPT
+  if len(prompt_ids) + longest > budget:
+    if overlong == "drop":
+      return {"status": sft._TOO_LONG}
+    keep = max(budget - longest, min(len(prompt_ids), budget // 2))
+    prompt_ids, status = prompt_ids[len(prompt_ids) - keep:], sft._TRUNCATED
+    answers = {side: (ids[:budget - keep], mask[:budget - keep]) for side, (ids, mask) in answers.items()}
+  example = {"status": status}
+  for side, (answer_ids, answer_mask) in answers.items():
+    ids = np.asarray(prompt_ids + answer_ids, np.int32)
+    mask = np.asarray([0.0] * len(prompt_ids) + answer_mask, np.float32)
+    if not mask[1:].any():
+      return {"status": sft._NO_LOSS}
+    n = len(ids) - 1
+    pad = lambda x, value: np.pad(x, (0, seq_len - n), constant_values=value)
+    example |= {
+        f"{side}_inputs": pad(ids[:-1], tokenizer.pad_id),
+        f"{side}_targets": pad(ids[1:], tokenizer.pad_id),
+        f"{side}_loss_mask": pad(mask[1:], 0.0),
+        f"{side}_segment_ids": pad(np.ones(n, np.int32), 0),
+        f"{side}_positions": pad(np.arange(n, dtype=np.int32), 0),
+    }
+  return example
+
+
+def concat_sides(batch: dict) -> dict:
+  """A preference batch -> {inputs, targets, loss_mask, segment_ids, positions} of [2B, L]: the B chosen rows,
+  then the B rejected rows, for one forward pass (split the [2B] log-probs as [:B] chosen, [B:] rejected)."""
+  return {k: np.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in FEATURES}
+
