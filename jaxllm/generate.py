@@ -31,22 +31,29 @@ def choose_tokens(logits_BxV, rng, *, temperature, top_k=0, top_p=1.0, vocab_lim
   """Next ids [B]: the argmax when temperature is 0, else a sample from softmax(logits / temperature) restricted
   to the `top_k` most likely ids (0 = all), then to the smallest set of those whose renormalized probability
   reaches `top_p` (the nucleus; 1 = all). Ids tied with the last one kept are kept too. Ids >= vocab_limit are
-  never chosen. Every argument may be traced: one compiled program serves every setting."""
+  never chosen. Every argument may be traced: one compiled program serves every setting, and runs only the
+  work its setting needs (no sort when nothing is filtered, no sampling when greedy)."""
   v = logits_BxV.shape[-1]
   if vocab_limit is not None:
     logits_BxV = jnp.where(jnp.arange(v) < vocab_limit, logits_BxV, -jnp.inf)
-  greedy_B = jnp.argmax(logits_BxV, axis=-1)
-  logits_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
-  rank_V = jnp.arange(v)
-  sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)  # most likely first
-  in_top_k_V = (top_k <= 0) | (rank_V < top_k)
-  probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, -jnp.inf), axis=-1)
-  before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass of the more likely ids: 0 for the first
-  keep_BxV = in_top_k_V & ((top_p >= 1.0) | (before_BxV < top_p))
-  cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-  logits_BxV = jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
-  sampled_B = jax.random.categorical(rng, logits_BxV)
-  return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+
+  def keep_top_k_top_p(logits_BxV):
+    rank_V = jnp.arange(v)
+    sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)  # most likely first
+    in_top_k_V = (top_k <= 0) | (rank_V < top_k)
+    probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, -jnp.inf), axis=-1)
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass of the more likely ids: 0 for the first
+    keep_BxV = in_top_k_V & ((top_p >= 1.0) | (before_BxV < top_p))
+    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
+
+  def draw(logits_BxV):
+    logits_BxV = logits_BxV / temperature
+    logits_BxV = jax.lax.cond((top_k > 0) | (top_p < 1.0), keep_top_k_top_p, lambda x: x, logits_BxV)
+    return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
+
+  greedy = lambda logits_BxV: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  return jax.lax.cond(temperature > 0, draw, greedy, logits_BxV)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))

@@ -7,8 +7,10 @@ Shape letters used in tensor names:
   K kv heads, G query heads per kv head (H = K*G), E head_dim, F mlp hidden, L layers.
 
 Decoding keeps a KVCache: keys and values at num_kv_heads in a fixed number of slots, with a leading layers axis
-(scan_layers or not). `forward_with_cache` runs T new tokens (a prompt, or one token) through the model, writes
-their keys and values at slot `cache.index` onwards and attends to every earlier slot of the same segment.
+(scan_layers or not). `forward_with_cache` runs T new tokens (a prompt, or one token) through the model: their
+queries attend to the cache's filled slots and to each other (same segment, causal), then their keys and values
+are written at slot `cache.index` onwards, once, after the last layer (the layers only read the cache, so inside
+a decoding loop the write is in place).
 """
 
 from __future__ import annotations
@@ -154,12 +156,12 @@ def init_cache(cfg: "ModelConfig", batch: int, max_len: int) -> KVCache:
                  segment_ids_BxS=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
-def cached_attention_mask(segment_ids_BxT, cache_segment_ids_BxS, index):
-  """attention_mask for T queries in slots index..index+T-1 over S cache slots (already holding the queries')."""
-  s = cache_segment_ids_BxS.shape[1]
-  causal_TxS = jnp.arange(s)[None, :] <= index + jnp.arange(segment_ids_BxT.shape[1])[:, None]
-  same_BxTxS = segment_ids_BxT[:, :, None] == cache_segment_ids_BxS[:, None, :]
-  return (causal_TxS & same_BxTxS)[:, None, None]
+def cached_attention_mask(segment_ids_BxT, cache: KVCache):
+  """attention_mask of T new tokens over the keys [the S cache slots, then the T new tokens]: [B, 1, 1, T, S+T].
+  A cache slot is seen if it is filled (before cache.index) and of the query's segment."""
+  filled_S = jnp.arange(cache.segment_ids_BxS.shape[1]) < cache.index
+  same_BxTxS = segment_ids_BxT[:, :, None] == cache.segment_ids_BxS[:, None, :]
+  return jnp.concatenate([(filled_S & same_BxTxS)[:, None, None], attention_mask(segment_ids_BxT)], axis=-1)
 
 
 class Projection(nn.Module):
@@ -183,12 +185,13 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-  """Grouped-query attention. With `kv` (this layer's cache, [B, S, K, E] keys and values) the new keys and values
-  are written at slot `index` and the queries attend over the cache; returns (output, updated kv or None)."""
+  """Grouped-query attention; returns (output, kv). With `kv`, this layer's cache (keys and values [B, S, K, E]),
+  the queries attend to the S cache slots and then to the T new tokens (the mask covers S+T keys), and kv
+  returned is the new tokens' keys and values [B, T, K, E], for the caller to write into the cache."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv=None, index=None):
+  def __call__(self, x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv=None):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     d, h, k, e = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
     bias = 2 if c.qkv_bias else 0
@@ -198,18 +201,20 @@ class Attention(nn.Module):
     k_BxSxKxE, v_BxSxKxE = proj_kv(name="k")(x_BxTxD), proj_kv(name="v")(x_BxTxD)
     q_BxTxHxE = rope(q_BxTxHxE, positions_BxT, c.rope_theta)
     k_BxSxKxE = rope(k_BxSxKxE, positions_BxT, c.rope_theta)
-    if kv is not None:
-      write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
-      kv = (write(kv[0], k_BxSxKxE), write(kv[1], v_BxSxKxE))
-      k_BxSxKxE, v_BxSxKxE = kv[0].astype(dt), kv[1].astype(dt)
 
     b, t = q_BxTxHxE.shape[:2]
     q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
-    logits_BxKxGxTxS = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE,
-                                  preferred_element_type=jnp.float32) / math.sqrt(e)
+    scores = lambda keys_BxSxKxE: jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, keys_BxSxKxE.astype(dt),
+                                             preferred_element_type=jnp.float32) / math.sqrt(e)
+    logits_BxKxGxTxS = scores(k_BxSxKxE)
+    if kv is not None:  # the cache's keys first, as in the mask
+      logits_BxKxGxTxS = jnp.concatenate([scores(kv[0]), logits_BxKxGxTxS], axis=-1)
     logits_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
-    out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs, v_BxSxKxE)
+    out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs[..., -t:], v_BxSxKxE)
+    if kv is not None:
+      out_BxTxKxGxE = out_BxTxKxGxE + jnp.einsum("bkgts,bske->btkge", probs[..., :-t], kv[1].astype(dt))
+      kv = (k_BxSxKxE, v_BxSxKxE)
     out_BxTxHxE = checkpoint_name(out_BxTxKxGxE.reshape(b, t, h, e), "attn_out")
     out_BxTxHxE = nn.with_logical_constraint(out_BxTxHxE, ("batch", "length", "heads", "head_dim"))
     out_BxTxD = Projection("bthe,hed->btd", (h, e, d), ("heads", "head_dim", "embed"), h * e, dt, name="o")(out_BxTxHxE)
@@ -230,14 +235,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """(x, ...) -> (x, kv): the (carry, x) -> (carry, y) signature nn.scan wants; kv is None without a cache."""
+  """(x, ...) -> (x, kv): the (carry, x) -> (carry, y) signature nn.scan wants; kv as in Attention."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv=None, index=None):
+  def __call__(self, x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv=None):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x_BxTxD)
-    attn_BxTxD, kv = Attention(c, name="attn")(h, mask_Bx1x1xTxS, positions_BxT, kv, index)
+    attn_BxTxD, kv = Attention(c, name="attn")(h, mask_Bx1x1xTxS, positions_BxT, kv)
     x_BxTxD = x_BxTxD + attn_BxTxD
     h = RMSNorm(c.norm_eps, dt, name="mlp_norm")(x_BxTxD)
     x_BxTxD = x_BxTxD + MLP(c, name="mlp")(h)
@@ -258,12 +263,9 @@ class Transformer(nn.Module):
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(start + jnp.arange(t), (b, t))
     if cache is None:
-      mask_Bx1x1xTxS, kv, index = attention_mask(segment_ids_BxT), None, None
+      mask_Bx1x1xTxS, kv = attention_mask(segment_ids_BxT), None
     else:
-      cache_segment_ids_BxS = jax.lax.dynamic_update_slice_in_dim(
-          cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), cache.index, axis=1)
-      mask_Bx1x1xTxS = cached_attention_mask(segment_ids_BxT, cache_segment_ids_BxS, cache.index)
-      kv, index = (cache.k_LxBxSxKxE, cache.v_LxBxSxKxE), cache.index
+      mask_Bx1x1xTxS, kv = cached_attention_mask(segment_ids_BxT, cache), (cache.k_LxBxSxKxE, cache.v_LxBxSxKxE)
 
     embed = nn.Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=jnp.float32, name="embed",
                      embedding_init=_param(_dense_init(c.d_model), ("vocab", "embed")))
@@ -274,15 +276,15 @@ class Transformer(nn.Module):
     if c.scan_layers:
       block = Block if c.remat_policy == "none" else nn.remat(Block, policy=policy, prevent_cse=False)
       layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers,
+                       in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, kv = layers(c, name="layers")(x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv, index)
+      x_BxTxD, kv = layers(c, name="layers")(x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv)
     else:
       block = Block if c.remat_policy == "none" else nn.remat(Block, policy=policy)
       new_kv = []
       for i in range(c.num_layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        x_BxTxD, layer_kv = block(c, name=f"layers_{i}")(x_BxTxD, mask_Bx1x1xTxS, positions_BxT, layer_kv, index)
+        x_BxTxD, layer_kv = block(c, name=f"layers_{i}")(x_BxTxD, mask_Bx1x1xTxS, positions_BxT, layer_kv)
         new_kv.append(layer_kv)
       if kv is not None:
         kv = tuple(jnp.stack([layer_kv[j] for layer_kv in new_kv]) for j in range(2))
@@ -296,8 +298,16 @@ class Transformer(nn.Module):
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV.astype(jnp.float32), ("batch", "length", "vocab"))
     if cache is None:
       return logits_BxTxV
-    return logits_BxTxV, KVCache(k_LxBxSxKxE=kv[0], v_LxBxSxKxE=kv[1], segment_ids_BxS=cache_segment_ids_BxS,
-                                 index=cache.index + t)
+    return logits_BxTxV, _write(cache, *kv, segment_ids_BxT)
+
+
+def _write(cache: KVCache, k_LxBxTxKxE, v_LxBxTxKxE, segment_ids_BxT) -> KVCache:
+  """The cache with T new tokens in slots index..index+T-1: an in-place update inside a decoding loop."""
+  i, dtype = cache.index, cache.k_LxBxSxKxE.dtype
+  k = jax.lax.dynamic_update_slice(cache.k_LxBxSxKxE, k_LxBxTxKxE.astype(dtype), (0, 0, i, 0, 0))
+  v = jax.lax.dynamic_update_slice(cache.v_LxBxSxKxE, v_LxBxTxKxE.astype(dtype), (0, 0, i, 0, 0))
+  segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), (0, i))
+  return KVCache(k_LxBxSxKxE=k, v_LxBxSxKxE=v, segment_ids_BxS=segment_ids, index=i + k_LxBxTxKxE.shape[2])
 
 
 def _example_tokens():

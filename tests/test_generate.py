@@ -127,8 +127,8 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(model, greedy):
 
 
 def test_top_k_then_top_p_keep_the_right_ids():
-  """p = (.4, .3, .2, .1): top_k=3 renormalizes to (.44, .33, .22), whose nucleus at top_p=.75 is {0, 1}; the kept
-  ids are sampled in proportion to their probabilities."""
+  """Ids 1, 3, 2, 0 have p = .4, .3, .2, .1. top_k=3 renormalizes the first three to (.44, .33, .22), whose nucleus
+  at top_p=.75 is ids {1, 3}; without top_k it is {1, 3, 2} (.4 + .3 < .75). Kept ids are drawn in proportion."""
   logits = jnp.log(jnp.array([[0.1, 0.4, 0.2, 0.3]]))  # ids by probability: 1, 3, 2, 0
   keys = jax.random.split(jax.random.key(0), 4000)
   draw = jax.jit(jax.vmap(lambda k, top_k, top_p: generate.choose_tokens(
@@ -161,7 +161,7 @@ def test_stop_ids_cut_the_output(model, greedy):
   for row, full in zip(got, greedy):
     want = full[: full.index(stop) + 1] if stop in full else full
     assert row == want
-  # every row stops at once (the loop ends early); the train.py entry point cuts at eos_id the same way
+  # every row stops at its first token (and the loop ends there); train.py's entry point cuts at eos_id alike
   firsts = tuple({row[0] for row in greedy})
   assert _gen(model, stop_ids=firsts) == [[row[0]] for row in greedy]
   assert generate.sample(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0), temperature=0.0,

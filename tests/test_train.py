@@ -77,7 +77,7 @@ def test_resume_refuses_a_different_tokenizer(straight_run, corpus_dir, tmp_path
   path = str(tmp_path / "other.model")
   other.save(path)
   cfg = tiny_config(corpus_dir, **{"train.steps": 24, "data.tokenizer.path": path})
-  with pytest.raises(ValueError, match="differs from the tokenizer this run was started with"):
+  with pytest.raises(ValueError, match="data.tokenizer.path: the tokenizer .* differs from this run"):
     train.run(cfg, workdir)
   # A swapped tokenizer file in the workdir is caught by the checkpoint's recorded hash.
   copy = str(tmp_path / "copy")
