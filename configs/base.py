@@ -62,6 +62,14 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.1          # decoupled, on matrices only
   c.optimizer.grad_clip = 1.0             # global-norm clip (0 = off)
 
+  c.lora = ml_collections.ConfigDict()
+  c.lora.enabled = False                  # train a low-rank delta W + (alpha/rank)·A·B on a frozen init_from base
+  c.lora.rank = 8
+  c.lora.alpha = 16.0
+  c.lora.targets = "attention,mlp"        # presets (attention mlp embed lm_head all) or regexes over param paths
+  c.lora.rslora = False                   # scale alpha/sqrt(rank) instead of alpha/rank
+  c.lora.quantize_base = False            # hold the frozen base as int8 with per-channel scales (QLoRA-style)
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                        # data-parallel replicas (-1 = all devices left)
   c.mesh.fsdp = 1                         # parameter/optimizer sharding

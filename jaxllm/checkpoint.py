@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -60,6 +61,16 @@ def resolve_run(path: str) -> tuple[str, int]:
     return os.path.dirname(parent), int(name)
   raise FileNotFoundError(f"init_from: {path!r} is neither a run directory (with checkpoints/) nor a checkpoint "
                           "directory (.../checkpoints/N)")
+
+
+def identity(run_dir: str, step: int) -> str:
+  """Names one checkpoint exactly: its run, step and commit time (a run retrained in place gets a new one)."""
+  meta_path = os.path.join(run_dir, "checkpoints", str(step), "_CHECKPOINT_METADATA")
+  committed = None
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      committed = json.load(f).get("commit_timestamp_nsecs")
+  return f"{os.path.abspath(run_dir)}/checkpoints/{step}@{committed}"
 
 
 def load_params(run_dir: str, step: int):

@@ -10,7 +10,7 @@ import ml_collections
 
 from jaxllm import model as model_lib
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "dpo")
 OVERLONG = ("truncate", "drop")
 SCHEDULES = ("cosine", "wsd", "constant")
 NAN_POLICIES = ("abort", "skip")
@@ -125,9 +125,25 @@ def validate(config, num_devices: int | None = None):
   if c.init_from:
     import os
     _check(os.path.exists(c.init_from), "init_from", f"no such run or checkpoint: {c.init_from!r}")
+  if c.lora.enabled:
+    _check(bool(c.init_from), "lora.enabled", "a LoRA delta needs a base: set init_from to a trained run")
+    _check(c.lora.rank > 0, "lora.rank", f"must be > 0, got {c.lora.rank}")
+    _check(c.lora.alpha > 0, "lora.alpha", f"must be > 0, got {c.lora.alpha}")
+    from jaxllm import lora
+    try:
+      lora.resolve_targets(c.lora.targets)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+  if c.stage == "dpo":
+    from jaxllm import losses
+    _check(bool(c.init_from), "init_from", "DPO starts from a trained model (usually the SFT run)")
+    _check(c.dpo.kind in losses.DPO_KINDS, "dpo.kind", f"{c.dpo.kind!r} is not one of {losses.DPO_KINDS}")
+    _check(c.dpo.beta > 0, "dpo.beta", f"must be > 0, got {c.dpo.beta}")
+    _check(0 <= c.dpo.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {c.dpo.label_smoothing}")
   if c.stage == "sft":
     _check("prompt_loss_weight" in c.data and 0 <= c.data.prompt_loss_weight <= 1, "data.prompt_loss_weight",
            "must be in [0, 1] (0 = loss on answers only, 1 = on every token)")
+  if c.stage in ("sft", "dpo"):
     _check(c.data.get("overlong") in OVERLONG, "data.overlong", f"{c.data.get('overlong')!r} is not one of {OVERLONG}")
   validate_mesh(c, num_devices)
 

@@ -143,7 +143,8 @@ def load_run(workdir: str, step: int | None = None):
   from jaxllm.data.tokenizer import Tokenizer
 
   with open(os.path.join(workdir, "config.json")) as f:
-    model_fields = json.load(f)["model"]
+    config = json.load(f)
+  model_fields = config["model"]
   names = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
   cfg = model_lib.ModelConfig(**{k: v for k, v in model_fields.items() if k in names})  # drops "size"
   tokenizer = Tokenizer.from_file(os.path.join(workdir, "tokenizer.model"))
@@ -155,12 +156,22 @@ def load_run(workdir: str, step: int | None = None):
                             f"(steps: {sorted(manager.all_steps())})")
   # Only the params (the optimizer state stays on disk), onto one device whatever mesh saved them.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                                   model_lib.abstract_params(cfg))}
+  lora_config = config.get("lora", {})
+  if lora_config.get("enabled"):  # the checkpoint holds a LoRA delta: put it back on its base
+    from jaxllm import checkpoint, lora
+    abstract = jax.eval_shape(lambda: lora.init(
+        model_lib.abstract_params(cfg), rank=lora_config["rank"], alpha=lora_config["alpha"],
+        targets=lora_config["targets"], rng=jax.random.key(0), rslora=lora_config["rslora"]))
+  else:
+    abstract = model_lib.abstract_params(cfg)
+  target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
   manager.close()
-  return cfg, restored["state"]["params"], tokenizer
+  params = restored["state"]["params"]
+  if lora_config.get("enabled"):
+    params = lora.merge(checkpoint.load_params(*checkpoint.resolve_run(config["init_from"])), params)
+  return cfg, params, tokenizer
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -107,7 +107,8 @@ def dpo_loss_sum(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=No
       "rewards/chosen": jnp.sum(chosen_B),
       "rewards/rejected": jnp.sum(rejected_B),
       "rewards/margin": jnp.sum(chosen_B - rejected_B),
-      "rewards/accuracy": jnp.sum((chosen_B > rejected_B).astype(jnp.float32)),  # a tie counts as wrong
+      # a tie (e.g. policy == reference at step 0) counts as a coin flip: 0.5
+      "rewards/accuracy": jnp.sum(jnp.where(chosen_B == rejected_B, 0.5, (chosen_B > rejected_B).astype(jnp.float32))),
       "logps/chosen": jnp.sum(jnp.asarray(policy_chosen_logps, jnp.float32)),
       "logps/rejected": jnp.sum(jnp.asarray(policy_rejected_logps, jnp.float32)),
   }
@@ -121,7 +122,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, 
   Inputs are [B] sequence log-probs of the answers (`sequence_logprobs` over answer tokens; length-normalised
   for simpo). See `dpo_losses` for the kinds. Metrics: rewards/chosen and rewards/rejected (β·(π − ref), or β·π
   for simpo), rewards/margin (their difference), rewards/accuracy (fraction of pairs whose chosen reward is
-  strictly greater: ties, e.g. policy == reference at step 0, count as wrong), logps/chosen, logps/rejected.
+  greater; a tie, e.g. policy == reference at step 0, counts as 0.5), logps/chosen, logps/rejected.
   """
   total, count, sums = dpo_loss_sum(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                     ref_rejected_logps, beta=beta, kind=kind, label_smoothing=label_smoothing,

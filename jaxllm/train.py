@@ -24,7 +24,7 @@ from flax import struct
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import distributed
 from jaxllm import config as config_lib
-from jaxllm import generate, metrics as metrics_lib, model as model_lib, objectives, optim, sharding
+from jaxllm import generate, lora, metrics as metrics_lib, model as model_lib, objectives, optim, sharding
 from jaxllm.data import chat, loaders
 
 
@@ -81,8 +81,27 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn, tx, lr_schedule, gr
 
 
 def eval_step(params, batch, frozen, *, eval_fn):
-  loss_sum, (weight, _) = eval_fn(params, batch, frozen)
-  return loss_sum, weight
+  loss_sum, (weight, aux) = eval_fn(params, batch, frozen)
+  return loss_sum, weight, aux
+
+
+def frozen_trees(config, model_cfg, source_run, mesh, rules):
+  """The trees the step reads but never trains, and their shardings: the LoRA base ("base", int8 if
+  lora.quantize_base) or the DPO reference ("reference"), both the params of the run init_from names."""
+  needs_base = config.lora.enabled
+  needs_reference = config.stage == "dpo" and not config.lora.enabled and config.dpo.kind != "simpo"
+  if not (needs_base or needs_reference):
+    return {}, {}
+  base_axes = model_lib.logical_axes(model_cfg)
+  params = ckpt_lib.load_params(*source_run)
+  trees, axes = {}, {}
+  if needs_base:
+    trees["base"] = lora.quantize_int8(params, config.lora.targets) if config.lora.quantize_base else params
+    axes["base"] = lora.logical_axes(trees["base"], base_axes)
+  if needs_reference:
+    trees["reference"], axes["reference"] = params, base_axes
+  shardings = sharding.logical_to_sharding(axes, mesh, rules)
+  return jax.device_put(trees, shardings), shardings
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -115,11 +134,11 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   t = config.train
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   start_step = checkpointer.latest_step()
-  init_from = ckpt_lib.resolve_run(config.init_from) if config.init_from and start_step is None else None
+  source_run = ckpt_lib.resolve_run(config.init_from) if config.init_from else None  # (run dir, step)
   train_source, val_source = loaders.load_sources(config)
-  tokenizer = loaders.prepare_tokenizer(config, workdir, train_source, init_from and init_from[0])
-  if init_from:
-    model_cfg = config_lib.model_from_run(config, init_from[0])
+  tokenizer = loaders.prepare_tokenizer(config, workdir, train_source, source_run and source_run[0])
+  if source_run:
+    model_cfg = config_lib.model_from_run(config, source_run[0])
   else:
     model_cfg = config_lib.resolve_model(config, tokenizer.vocab_size)
   if jax.process_index() == 0:
@@ -141,45 +160,62 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   data_iter = iter(loaders.make_dataset(config, train_source, tokenizer, train=True, stats=data_stats))
   eval_batches = [sharding.put_batch(b, batch_sharding) for b in loaders.eval_batches(config, val_source, tokenizer)]
 
+  frozen, frozen_sharding = frozen_trees(config, model_cfg, source_run, mesh, rules)
   meta = {"tokenizer_sha256": tokenizer.sha256, "model": dataclasses.asdict(model_cfg)}
+  if source_run:
+    meta["init_from"] = ckpt_lib.identity(*source_run)  # a LoRA checkpoint is only its delta: name its base
   if start_step is not None:
     saved_meta = checkpointer.restore_meta(start_step)
     if saved_meta.get("tokenizer_sha256") != tokenizer.sha256:
       raise ValueError(f"{workdir}/checkpoints/{start_step}: its tokenizer (sha256 "
                        f"{saved_meta.get('tokenizer_sha256')}) is not this run's ({tokenizer.sha256})")
+    if frozen and saved_meta.get("init_from") != meta.get("init_from"):
+      raise ValueError(f"init_from: {workdir}/checkpoints/{start_step} was trained on top of "
+                       f"{saved_meta.get('init_from')}, not {meta.get('init_from')}")
     abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda r: nn.meta.unbox(init_boxed(r)), rng), state_sharding)
     state, _ = checkpointer.restore(start_step, abstract, data_iter)
     _log(f"resumed from {workdir}/checkpoints/{start_step}")
   else:
     start_step = 0
     state = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=state_sharding)(rng)
-    if init_from:  # start from another run's params; the optimizer state starts fresh
-      params = ckpt_lib.load_params(*init_from)
+    if source_run and not config.lora.enabled:  # start from another run's params; fresh optimizer state
+      params = ckpt_lib.load_params(*source_run)
       state = state.replace(params=jax.device_put(params, state_sharding.params))
-      _log(f"initialized from {init_from[0]}/checkpoints/{init_from[1]}")
+    if source_run:
+      _log(f"initialized from {source_run[0]}/checkpoints/{source_run[1]}"
+           + (" (frozen base of a LoRA delta)" if config.lora.enabled else ""))
 
   n_params = model_lib.num_params(model_cfg)
+  n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
   flops_per_token = model_lib.flops_per_token(model_cfg, t.seq_len)
   peak = metrics_lib.measure_peak_flops(model_cfg.dtype) * len(devices)
-  _log(f"model {config.model.size}: {n_params / 1e6:.2f}M params, vocab {model_cfg.vocab_size}; "
+  _log(f"model {config.model.size}: {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.3f}M trained), "
+       f"vocab {model_cfg.vocab_size}; "
        f"mesh {dict(mesh.shape)}; measured peak {peak / 1e9:.1f} GFLOP/s ({model_cfg.dtype})")
 
   step_fn = sharding.with_rules(jax.jit(
       functools.partial(train_step, loss_fn=objective.loss_fn, tx=tx, lr_schedule=lr_schedule,
                         grad_accum=t.grad_accum),
-      in_shardings=(state_sharding, batch_sharding, None), out_shardings=(state_sharding, None),
+      in_shardings=(state_sharding, batch_sharding, frozen_sharding), out_shardings=(state_sharding, None),
       donate_argnums=0), mesh, rules)
   eval_fn = sharding.with_rules(jax.jit(functools.partial(eval_step, eval_fn=objective.eval_fn),
-                                        in_shardings=(state_sharding.params, batch_sharding, None)), mesh, rules)
+                                        in_shardings=(state_sharding.params, batch_sharding, frozen_sharding)),
+                                mesh, rules)
 
   def evaluate(params) -> dict:
-    sums = [eval_fn(params, b, None) for b in eval_batches]
-    loss = float(sum(s for s, _ in sums) / sum(w for _, w in sums))
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    sums = jax.device_get([eval_fn(params, b, frozen) for b in eval_batches])
+    weight = sum(w for _, w, _ in sums)
+    loss = float(sum(s for s, _, _ in sums) / weight)
+    row = {"eval/loss": loss}
+    if config.stage != "dpo":
+      row["eval/perplexity"] = math.exp(min(loss, 50.0))
+    for key in sums[0][2]:
+      row[f"eval/{key}"] = float(sum(a[key] for _, _, a in sums) / weight)
+    return row
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step if start_step else None)
   progress = metrics_lib.Progress(t.steps, start_step)
-  tokens_per_step = t.batch_size * t.seq_len
+  tokens_per_step = t.batch_size * t.seq_len * (2 if config.stage == "dpo" else 1)  # DPO: chosen + rejected
   last, window = {}, (None, 0)  # (time the window started, steps in it)
 
   def finish_step(step: int, m: dict):
@@ -214,14 +250,14 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   if start_step == 0 and eval_batches:
     row = evaluate(state.params)  # the baseline every later validation loss is compared with
     writer.write(0, row)
-    _log(f"step 0/{t.steps} | eval loss {row['eval/loss']:.4f} | ppl {row['eval/perplexity']:.2f}")
-  if start_step == 0 and init_from:
-    print_samples(config, model_cfg, state.params, tokenizer, when="before training")
+    _log(f"step 0/{t.steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
+  if start_step == 0 and source_run:
+    print_samples(config, model_cfg, state.params, tokenizer, frozen, when="before training")
 
   pending = None
   for step in range(start_step + 1, min(t.steps, stop_after or t.steps) + 1):
     batch = sharding.put_batch(next(data_iter), batch_sharding)
-    state, m = step_fn(state, batch, None)
+    state, m = step_fn(state, batch, frozen)
     if pending is not None:
       finish_step(*pending)
     pending = (step, m)
@@ -232,7 +268,7 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
       pending = None
       row = evaluate(state.params)
       writer.write(step, row)
-      _log(f"step {step}/{t.steps} | eval loss {row['eval/loss']:.4f} | ppl {row['eval/perplexity']:.2f}")
+      _log(f"step {step}/{t.steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
       last.update(row)
   if pending is not None:
     finish_step(*pending)
@@ -245,11 +281,11 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
     plot = metrics_lib.plot_losses(workdir)
     if plot:
       _log(f"loss curve: {plot}")
-  print_samples(config, model_cfg, state.params, tokenizer, when="after training")
+  print_samples(config, model_cfg, state.params, tokenizer, frozen, when="after training")
   return last
 
 
-def print_samples(config, model_cfg, params, tokenizer, *, when: str):
+def print_samples(config, model_cfg, params, tokenizer, frozen, *, when: str):
   """Pretraining: continuations of train.sample_prompts. SFT: answers to them as user turns (greedy)."""
   t = config.train
   if not t.num_samples:
@@ -261,8 +297,10 @@ def print_samples(config, model_cfg, params, tokenizer, *, when: str):
   else:
     prompts = [chat.render_prompt([{"role": "user", "content": p}], tokenizer) for p in texts]
     stops.append(tokenizer.token_id(chat.DEFAULT_TEMPLATE.end))
+  if config.lora.enabled:
+    params = lora.merge(lora.dequantize(frozen["base"]), params)
   outs = generate.generate(model_cfg, params, prompts, max_new_tokens=t.sample_tokens, rng=jax.random.key(config.seed),
-                         temperature=0.0 if config.stage == "sft" else 0.8, top_k=40, stop_ids=stops,
+                         temperature=0.0 if config.stage != "pretrain" else 0.8, top_k=40, stop_ids=stops,
                          vocab_limit=tokenizer.vocab_size)
   _log(f"--- samples {when} ---")
   for text, out in zip(texts, outs):

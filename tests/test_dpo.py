@@ -30,7 +30,7 @@ def _np_dpo(pc, pr, rc, rr, beta, kind, eps=0.0, gamma=0.0):
     else:
       loss = -(1 - eps) * _log_sigmoid(beta * margin) - eps * _log_sigmoid(-beta * margin)
   metrics = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-             "rewards/margin": (chosen - rejected).mean(), "rewards/accuracy": (chosen > rejected).mean(),
+             "rewards/margin": (chosen - rejected).mean(), "rewards/accuracy": np.where(chosen == rejected, 0.5, chosen > rejected).mean(),
              "logps/chosen": pc.mean(), "logps/rejected": pr.mean()}
   return loss.mean(), metrics
 
@@ -79,13 +79,14 @@ def test_extreme_margins_are_finite():
 
 def test_policy_equal_to_reference():
   """At step 0 (policy = reference) the DPO loss is log 2 whatever the log-probs, the rewards are 0 and the
-  accuracy is 0: a tie counts as wrong. cDPO is also log 2; IPO is (1/(2β))²."""
+  accuracy is 0.5: a tie counts as a coin flip. cDPO is also log 2; IPO is (1/(2β))²."""
   pc, pr, _, _ = _random_logps(1)
   for eps in (0.0, 0.1):
     loss, metrics = losses.dpo_loss(pc, pr, pc, pr, beta=0.1, label_smoothing=eps)
     np.testing.assert_allclose(float(loss), np.log(2.0), rtol=1e-6)
-    for k in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margin"):
       assert float(metrics[k]) == 0.0, k
+    assert float(metrics["rewards/accuracy"]) == 0.5
   loss, _ = losses.dpo_loss(pc, pr, pc, pr, beta=0.1, kind="ipo")
   np.testing.assert_allclose(float(loss), 25.0, rtol=1e-6)
 

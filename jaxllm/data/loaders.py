@@ -13,17 +13,20 @@ import jax
 import numpy as np
 
 from jaxllm.config import ConfigError
-from jaxllm.data import chat, pipeline, sft, sources
+from jaxllm.data import chat, pipeline, preference, sft, sources
 from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
 
 
 def load_sources(config):
-  """(train, validation): documents for pretraining, conversations for SFT."""
+  """(train, validation): documents for pretraining, conversations for SFT, preference pairs for DPO."""
   d = config.data
   if config.stage == "pretrain":
     load = lambda split: sources.documents(d.sources, split, validation_fraction=d.validation_fraction)
-  else:
+  elif config.stage == "sft":
     load = lambda split: sft.conversations(d.sources, split, validation_fraction=d.validation_fraction)
+  else:
+    load = lambda split: preference.pairs(d.sources, split, validation_fraction=d.validation_fraction,
+                                          seed=config.seed, hard_fraction=d.hard_fraction)
   return load("train"), load("validation")
 
 
@@ -31,6 +34,8 @@ def _texts(config, source):
   """The raw text of a source, for training a tokenizer on it."""
   for i in range(len(source)):
     item = source[i]
+    if config.stage == "dpo":
+      item = item["prompt"] + [{"role": "assistant", "content": item["chosen"]}]
     yield item if config.stage == "pretrain" else chat.render_text(item)
 
 
@@ -59,7 +64,7 @@ def prepare_tokenizer(config, workdir: str, train_source, init_from_dir: str | N
     if other and Tokenizer.from_file(other).sha256 != tok.sha256:
       raise ConfigError(f"{key}: the tokenizer {other!r} differs from this run's ({saved if source is None else source}); "
                         "a run and the checkpoint it starts from must share one tokenizer")
-  if config.stage == "sft":
+  if config.stage in ("sft", "dpo"):
     chat.check_tokenizer(tok)
   if jax.process_index() == 0 and not os.path.exists(saved):
     tok.save(saved)
@@ -90,6 +95,12 @@ def make_dataset(config, source, tokenizer, *, train: bool, stats: list | None =
   for shard in local:
     if config.stage == "pretrain":
       parts.append(pipeline.pretrain_dataset(source, tokenizer, process_index=shard, **common))
+    elif config.stage == "dpo":
+      shard_stats = sft.SFTStats()
+      if stats is not None:
+        stats.append(shard_stats)
+      parts.append(preference.preference_dataset(source, tokenizer, process_index=shard, overlong=d.overlong,
+                                                 stats=shard_stats, **common))
     else:
       shard_stats = sft.SFTStats()
       if stats is not None:

@@ -1,0 +1,105 @@
+"""LoRA and DPO as stages of the same loop: a LoRA run trains and saves only its delta on a frozen base, and DPO
+starts exactly at log 2 with the reference (the LoRA base, or a frozen copy) and learns the preferences."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxllm import config as config_lib, generate, lora, metrics as metrics_lib, train
+from tests.conftest import tiny_config
+from tests.test_sft import ANIMALS, pretrained, qa_jsonl, sft_config  # noqa: F401  (module fixtures)
+
+
+@pytest.fixture(scope="module")
+def pref_jsonl(tmp_path_factory):
+  path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
+  rows = [{"prompt": f"what is the {a} number {i}?", "chosen": f"the {a} is {i % 7}.",
+           "rejected": f"the {ANIMALS[(j + 1) % 5]} sees the moon."}
+          for i in range(40) for j, a in enumerate(ANIMALS)]
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return path
+
+
+def dpo_config(corpus_dir, pref_jsonl, init_from, *, use_lora, **overrides):
+  c = tiny_config(corpus_dir, **{"train.steps": 12, "train.eval_every": 6, "train.num_samples": 0,
+                                 "train.seq_len": 40, "optimizer.warmup_steps": 0, **overrides}).unlock()
+  c.stage, c.init_from = "dpo", init_from
+  c.data.sources, c.data.overlong, c.data.hard_fraction = str(pref_jsonl), "truncate", 0.5
+  c.dpo = ml_collections.ConfigDict(dict(kind="sigmoid", beta=0.5, label_smoothing=0.0, gamma=0.0))
+  c.lora.enabled, c.lora.rank, c.lora.alpha = use_lora, 4, 8.0
+  c.optimizer.learning_rate = 1e-2
+  return c
+
+
+def _state_params(workdir):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  return mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+
+
+def test_lora_sft_trains_and_saves_only_the_delta(pretrained, corpus_dir, qa_jsonl, tmp_path, capsys):
+  c = sft_config(corpus_dir, qa_jsonl, pretrained)
+  c.lora.enabled, c.lora.rank, c.lora.targets = True, 4, "attention,mlp"
+  workdir = str(tmp_path / "lora_sft")
+  train.run(c, workdir)
+  assert "frozen base of a LoRA delta" in capsys.readouterr().out
+  rows = metrics_lib.read_metrics(workdir)
+  evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
+  assert evals[-1] < evals[0] - 0.3
+  saved = _state_params(workdir)
+  paths = {lora.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(saved)}
+  assert paths and all(p.endswith(("/a", "/b")) for p in paths), paths  # only A and B, no base weight
+  full = _state_params(pretrained)
+  n = lambda tree: sum(np.asarray(x).size for x in jax.tree.leaves(tree))
+  assert n(saved) < 0.25 * n(full)  # D=32 is tiny; the small preset's share is tested in test_lora.py
+  # A LoRA run's checkpoint names its base; load_run puts the delta back on it.
+  cfg, params, tok = generate.load_run(workdir)
+  assert jax.tree.structure(params) == jax.tree.structure(full)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full)))
+
+
+def test_lora_resume_refuses_a_changed_base(pretrained, corpus_dir, qa_jsonl, tmp_path):
+  c = sft_config(corpus_dir, qa_jsonl, pretrained, **{"train.steps": 4, "train.checkpoint_every": 2})
+  c.lora.enabled = True
+  workdir = str(tmp_path / "lora")
+  train.run(c, workdir, stop_after=2)
+  meta_file = os.path.join(workdir, "checkpoints", "2", "meta", "metadata")
+  meta = json.load(open(meta_file))
+  meta["init_from"] = meta["init_from"].replace("@", "@0")  # as if the base run had been retrained
+  json.dump(meta, open(meta_file, "w"))
+  with pytest.raises(ValueError, match="was trained on top of"):
+    train.run(c, workdir)
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_dpo_starts_at_log2_and_learns_the_preferences(pretrained, corpus_dir, pref_jsonl, tmp_path, use_lora):
+  workdir = str(tmp_path / "dpo")
+  train.run(dpo_config(corpus_dir, pref_jsonl, pretrained, use_lora=use_lora), workdir)
+  rows = metrics_lib.read_metrics(workdir)
+  first = next(r for r in rows if r["step"] == 1 and "loss" in r)
+  # step 1: policy == reference (LoRA: B = 0, so merged == base; full: the reference is a copy of the start)
+  assert first["loss"] == pytest.approx(np.log(2), abs=1e-5)
+  assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
+  evals = [r for r in rows if "eval/loss" in r]
+  assert evals[0]["eval/rewards/accuracy"] == 0.5 and evals[0]["eval/loss"] == pytest.approx(np.log(2), abs=1e-5)
+  assert evals[-1]["eval/rewards/accuracy"] > 0.8
+  assert evals[-1]["eval/rewards/margin"] > 0 and evals[-1]["eval/loss"] < np.log(2)
+  assert "eval/kl_estimate" in evals[-1]
+
+
+def test_dpo_and_lora_config_errors(corpus_dir, pref_jsonl, pretrained):
+  c = dpo_config(corpus_dir, pref_jsonl, "", use_lora=False)
+  with pytest.raises(config_lib.ConfigError, match="init_from"):
+    config_lib.validate(c, num_devices=1)
+  c = dpo_config(corpus_dir, pref_jsonl, pretrained, use_lora=True)
+  c.dpo.kind = "kto"
+  with pytest.raises(config_lib.ConfigError, match="dpo.kind"):
+    config_lib.validate(c, num_devices=1)
+  c = dpo_config(corpus_dir, pref_jsonl, pretrained, use_lora=True)
+  c.lora.targets = "attention,("
+  with pytest.raises(config_lib.ConfigError, match="lora.targets"):
+    config_lib.validate(c, num_devices=1)
