@@ -1,0 +1,88 @@
+"""Full fine-tuning against LoRA on the same batch: trainable params, optimizer-state bytes, compiled memory and
+step time of the real train step (train.train_step with objectives.with_lora), small preset by default.
+
+  python bench/lora.py [--size small] [--rank 8] [--batch 8] [--seq 256] [--steps 5]
+
+Memory is XLA's compiled memory analysis of the step (arguments + outputs + temporaries, aliasing excluded): the
+peak a device needs, known without running on one.
+"""
+
+import argparse
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from configs import pretrain
+from jaxllm import config as config_lib, lora, model as model_lib, objectives, optim, train
+
+
+def measure(config, model_cfg, steps):
+  objective = objectives.make(model_cfg, config)
+  tx = optim.optimizer(config.optimizer, config.train.steps)
+  init = functools.partial(train.init_state, init_trainable=objective.init_trainable, tx=tx)
+  state = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(0))
+  frozen = {}
+  if config.lora.enabled:
+    base = model_lib.init(model_cfg, jax.random.key(1))
+    frozen["base"] = lora.quantize_int8(base, config.lora.targets) if config.lora.quantize_base else base
+  b, t = config.train.batch_size, config.train.seq_len
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, model_cfg.vocab_size, (b, t), dtype=np.int32),
+           "targets": rng.integers(0, model_cfg.vocab_size, (b, t), dtype=np.int32),
+           "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+           "loss_mask": np.ones((b, t), np.float32)}
+  step = jax.jit(functools.partial(train.train_step, loss_fn=objective.loss_fn, tx=tx,
+                                   lr_schedule=optim.schedule(config.optimizer, config.train.steps), grad_accum=1),
+                 donate_argnums=0)
+  compiled = step.lower(state, batch, frozen).compile()
+  mem = compiled.memory_analysis()
+  peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+  state, m = step(state, batch, frozen)
+  jax.block_until_ready(m)
+  best = float("inf")
+  for _ in range(3):
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, m = step(state, batch, frozen)
+    jax.block_until_ready(m)
+    best = min(best, (time.perf_counter() - start) / steps)
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  return dict(trainable=sum(x.size for x in jax.tree.leaves(state.params)), opt=nbytes(state.opt_state),
+              frozen=nbytes(frozen), peak=peak, step=best)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--size", default="small")
+  p.add_argument("--vocab", type=int, default=8192)
+  p.add_argument("--rank", type=int, default=8)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--steps", type=int, default=5)
+  args = p.parse_args()
+  config = pretrain.get_config(f"size={args.size}").unlock()
+  config.train.batch_size, config.train.seq_len = args.batch, args.seq
+  config.init_from = "(bench)"
+  model_cfg = config_lib.resolve_model(config, args.vocab)
+  rows = {}
+  for name, enabled, quantize in (("full fine-tune", False, False), (f"LoRA r={args.rank}", True, False),
+                                  (f"LoRA r={args.rank}, int8 base", True, True)):
+    config.lora.enabled, config.lora.rank, config.lora.quantize_base = enabled, args.rank, quantize
+    config.lora.alpha = 2.0 * args.rank
+    rows[name] = measure(config, model_cfg, args.steps)
+  full = rows["full fine-tune"]
+  print(f"device: {jax.devices()[0].device_kind}; model {args.size}: {model_lib.num_params(model_cfg) / 1e6:.1f}M "
+        f"params; batch {args.batch} x {args.seq}; LoRA targets {config.lora.targets}\n")
+  print("| run | trainable params | optimizer state | frozen tree | compiled peak memory | step time | vs full |")
+  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+  for name, r in rows.items():
+    print(f"| {name} | {r['trainable']:,} ({100 * r['trainable'] / full['trainable']:.2f}%) | "
+          f"{r['opt'] / 2**20:.2f} MiB ({100 * r['opt'] / full['opt']:.2f}%) | {r['frozen'] / 2**20:.1f} MiB | "
+          f"{r['peak'] / 2**20:.1f} MiB | {1000 * r['step']:.0f} ms | {r['step'] / full['step']:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()
