@@ -16,7 +16,8 @@ setup(
         "ml-collections>=1.0",
         "tensorboardX>=2.6",
         "matplotlib>=3.7",
-        "chatterbot-corpus>=1.3",
+        "chatterbot-corpus>=1.3",  # embedded SFT/DPO data (YAML files, read with PyYAML)
+        "pyyaml>=6",
     ],
     extras_require={
         "test": ["pytest>=8"],
