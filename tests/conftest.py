@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic corpus and a tiny config, and a persistent compilation cache so that the
 several short runs of the suite compile each step once."""
 
+import json
 import os
 import random
 
@@ -8,6 +9,7 @@ import jax
 import pytest
 
 from configs import pretrain_tiny
+from jaxllm import train
 
 
 def pytest_configure(config):
@@ -52,6 +54,40 @@ def tiny_config(corpus_dir, **overrides):
     for p in parents:
       node = node[p]
     node[leaf] = value
+  return c
+
+
+# ---- a pretrained tiny run and SFT data, shared by the SFT, LoRA and DPO tests ----
+
+ANIMALS = ["cat", "dog", "bird", "king", "teacher"]
+
+
+@pytest.fixture(scope="session")
+def pretrained(corpus_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pt"))
+  train.run(tiny_config(corpus_dir, **{"train.steps": 8, "train.num_samples": 0}), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def qa_jsonl(tmp_path_factory):
+  """Questions about the synthetic grammar with one right answer each."""
+  path = tmp_path_factory.mktemp("qa") / "qa.jsonl"
+  rows = [{"prompt": f"what is the {a} number {i}?", "response": f"the {a} is {i % 7}."}
+          for i in range(60) for a in ANIMALS]
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return path
+
+
+def sft_config(corpus_dir, qa_jsonl, init_from, **overrides):
+  c = tiny_config(corpus_dir, **{"train.steps": 16, "train.eval_every": 8, "train.num_samples": 1,
+                                 "train.seq_len": 48, **overrides}).unlock()
+  c.stage = "sft"
+  c.init_from = init_from
+  c.data.sources = str(qa_jsonl)
+  c.data.prompt_loss_weight = 0.0
+  c.data.overlong = "truncate"
+  c.train.sample_prompts = ("what is the cat number 3?",)
   return c
 
 

@@ -304,8 +304,8 @@ def test_glob_of_text_and_jsonl_files(tmp_path):
   write(tmp_path / "a.txt", "first document\nwith two lines")
   write(tmp_path / "sub" / "b.md", "# markdown 今天")
   lines = [f"line {i} ünïcode 今天" for i in range(200)]
-  jsonl = write(tmp_path / "sub" / "deeper" / "c.jsonl",
-                "\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(lines)) + "\n\n")
+  write(tmp_path / "sub" / "deeper" / "c.jsonl",
+        "\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(lines)) + "\n\n")
   spec = f"{tmp_path}/*.txt, {tmp_path}/**/*.md,{tmp_path}/**/*.jsonl"
   splits = {s: sources.documents(spec, s, validation_fraction=0.3) for s in ("train", "validation")}
   texts = {s: [docs[i] for i in range(len(docs))] for s, docs in splits.items()}

@@ -181,7 +181,7 @@ def test_merged_forward_matches_a_numpy_merged_base(scan):
 
 
 def test_gradients_are_of_the_delta_only():
-  cfg, p, names = _cfg(), _base(), _names()
+  cfg, p = _cfg(), _base()
   tokens = _tokens(1, (2, 13))
 
   def loss(delta, base):

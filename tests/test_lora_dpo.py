@@ -11,8 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxllm import config as config_lib, generate, lora, metrics as metrics_lib, train
-from tests.conftest import tiny_config
-from tests.test_sft import ANIMALS, pretrained, qa_jsonl, sft_config  # noqa: F401  (module fixtures)
+from tests.conftest import ANIMALS, sft_config, tiny_config
 
 
 @pytest.fixture(scope="module")

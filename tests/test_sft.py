@@ -12,39 +12,7 @@ import pytest
 from jaxllm import config as config_lib, losses, metrics as metrics_lib, model as model_lib, train
 from jaxllm.data import sft
 from jaxllm.data.tokenizer import Tokenizer
-from tests.conftest import tiny_config
-
-ANIMALS = ["cat", "dog", "bird", "king", "teacher"]
-
-
-@pytest.fixture(scope="module")
-def pretrained(corpus_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("pt"))
-  train.run(tiny_config(corpus_dir, **{"train.steps": 8, "train.num_samples": 0}), workdir)
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def qa_jsonl(tmp_path_factory):
-  """Questions about the synthetic grammar with one right answer each."""
-  path = tmp_path_factory.mktemp("qa") / "qa.jsonl"
-  rows = [{"prompt": f"what is the {a} number {i}?", "response": f"the {a} is {i % 7}."}
-          for i in range(60) for a in ANIMALS]
-  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  return path
-
-
-def sft_config(corpus_dir, qa_jsonl, init_from, **overrides):
-  c = tiny_config(corpus_dir, **{"train.steps": 16, "train.eval_every": 8, "train.num_samples": 1,
-                                 "train.seq_len": 48, **overrides}).unlock()
-  c.stage = "sft"
-  c.init_from = init_from
-  c.data.sources = str(qa_jsonl)
-  c.data.prompt_loss_weight = 0.0
-  c.data.overlong = "truncate"
-  c.train.sample_prompts = ("what is the cat number 3?",)
-  return c
-
+from tests.conftest import ANIMALS, sft_config
 
 def test_sft_from_a_pretrained_run(pretrained, corpus_dir, qa_jsonl, tmp_path, capsys):
   workdir = str(tmp_path / "sft")

@@ -6,12 +6,11 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxllm import config as config_lib, metrics as metrics_lib, model as model_lib, objectives, optim, train
+from jaxllm import config as config_lib, metrics as metrics_lib, objectives, optim, train
 from jaxllm.data.tokenizer import train_tokenizer
 from tests.conftest import tiny_config
 

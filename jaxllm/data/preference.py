@@ -31,18 +31,15 @@ are candidate assistant replies to it:
 in one row of a chosen batch and the same row of a rejected batch (no packing); see its docstring.
 """
 
-import array
 import functools
-import glob
 import json
-import os
 import re
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 
-from jaxllm.data import chat, sft
+from jaxllm.data import chat, sft, sources
 from jaxllm.data.sft import SFTStats
 from jaxllm.data.sources import DataError
 from jaxllm.data.tokenizer import Tokenizer
@@ -67,8 +64,8 @@ def pairs(spec: str, split: str, *, validation_fraction: float = 0.1, seed: int 
                             hard_fraction=hard_fraction)
   if split not in ("train", "validation"):
     raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
-  source = _index_globs(spec)
-  keys = [f"{os.path.basename(source.paths[f])}:{line}" for f, line in zip(source.file_ids, source.line_numbers)]
+  source = sources.jsonl_records(spec, _to_pair, what="pairs")
+  keys = source.split_keys()
   in_validation = np.array([sft._bucket(k) for k in keys]) < validation_fraction * 10_000
   keep = np.flatnonzero(in_validation if split == "validation" else ~in_validation)
   if not len(keep):
@@ -158,20 +155,6 @@ def _chatterbot_language_of(spec: str) -> dict[str, str]:
   return out
 
 
-class FilePairs(sft.FileConversations):
-  """Pairs stored in JSONL files, read and converted in __getitem__ (see sft.FileConversations)."""
-
-  def __getitem__(self, i: int) -> dict:
-    if not -len(self) <= i < len(self):
-      raise IndexError(f"pair {i} out of range for {len(self)} pairs")
-    with open(self.paths[self.file_ids[i]], "rb") as f:
-      f.seek(int(self.offsets[i]))
-      return _to_pair(json.loads(f.readline()))
-
-  def select(self, indices) -> "FilePairs":
-    return FilePairs(self.paths, self.file_ids[indices], self.offsets[indices], self.line_numbers[indices])
-
-
 def _to_pair(record) -> dict:
   """A JSONL record -> {"prompt": messages, "chosen": str, "rejected": str}; ValueError if invalid."""
   if not isinstance(record, dict):
@@ -202,46 +185,6 @@ def _to_pair(record) -> dict:
       raise ValueError(f"{field!r} must be a string or a list of one assistant message")
     out[field] = answer
   return out
-
-
-def _index_globs(spec: str) -> FilePairs:
-  paths = set()
-  for pattern in (p.strip() for p in spec.split(",") if p.strip()):
-    matched = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
-    if not matched:
-      raise DataError(f"glob {pattern!r} matches no file")
-    paths.update(matched)
-  paths = sorted(paths)
-  file_ids, offsets, line_numbers = array.array("i"), array.array("q"), array.array("q")
-  for file_id, path in enumerate(paths):
-    if not path.endswith(".jsonl"):
-      raise DataError(f"{path}: unsupported file type (preference data is .jsonl)")
-    count = len(offsets)
-    for offset, line_number in _index_jsonl(path):
-      file_ids.append(file_id)
-      offsets.append(offset)
-      line_numbers.append(line_number)
-    if len(offsets) == count:
-      raise DataError(f"{path}: empty file (no pairs)")
-  return FilePairs(paths, *(np.frombuffer(a, np.dtype(a.typecode)) for a in (file_ids, offsets, line_numbers)))
-
-
-def _index_jsonl(path: str):
-  """Yields (byte offset, 1-based line number) of each non-blank line, validated strictly."""
-  offset = 0
-  with open(path, "rb") as f:
-    for line_number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          record = json.loads(line)
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-          raise DataError(f"{path}:{line_number}: invalid JSON ({e})") from None
-        try:
-          _to_pair(record)
-        except ValueError as e:
-          raise DataError(f"{path}:{line_number}: {e}") from None
-        yield offset, line_number
-      offset += len(line)
 
 
 # ----------------------------------------------------------------------------------------- pipeline

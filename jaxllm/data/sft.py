@@ -20,10 +20,8 @@ prediction per example, and packs whole examples into rows (never splitting one)
 format of the pretraining pipeline (see pipeline.py).
 """
 
-import array
 import dataclasses
 import functools
-import glob
 import json
 import os
 import zlib
@@ -33,6 +31,7 @@ import grain
 import numpy as np
 
 from jaxllm.data import chat
+from jaxllm.data import sources
 from jaxllm.data.sources import DataError
 from jaxllm.data.tokenizer import Tokenizer
 
@@ -53,14 +52,14 @@ def conversations(spec: str, split: str, *, validation_fraction: float = 0.1) ->
     keys = [json.dumps(c, ensure_ascii=False) for c in convs]
     source = convs
   else:
-    source = _index_globs(spec)
-    keys = [f"{os.path.basename(source.paths[f])}:{line}" for f, line in zip(source.file_ids, source.line_numbers)]
+    source = sources.jsonl_records(spec, _to_messages, what="conversations")
+    keys = source.split_keys()
   in_validation = np.array([_bucket(k) for k in keys]) < validation_fraction * 10_000
   keep = np.flatnonzero(in_validation if split == "validation" else ~in_validation)
   if not len(keep):
     raise DataError(f"spec {spec!r} has no conversations in split {split!r} "
                     f"(validation_fraction={validation_fraction})")
-  if isinstance(source, FileConversations):
+  if isinstance(source, sources.JsonlRecords):
     return source.select(keep)
   return [source[i] for i in keep]
 
@@ -116,31 +115,6 @@ def _chatterbot_language(language: str) -> tuple[tuple[str, ...], ...]:
   return tuple(out)
 
 
-class FileConversations(Sequence):
-  """Conversations stored in JSONL files: conversation i is the line at byte `offsets[i]` of
-  `paths[file_ids[i]]` (1-based line `line_numbers[i]`), read and converted in __getitem__."""
-
-  def __init__(self, paths: Sequence[str], file_ids, offsets, line_numbers):
-    self.paths = list(paths)
-    self.file_ids = np.asarray(file_ids, np.int32)
-    self.offsets = np.asarray(offsets, np.int64)
-    self.line_numbers = np.asarray(line_numbers, np.int64)
-
-  def __len__(self) -> int:
-    return len(self.offsets)
-
-  def __getitem__(self, i: int) -> list[dict]:
-    if not -len(self) <= i < len(self):
-      raise IndexError(f"conversation {i} out of range for {len(self)} conversations")
-    with open(self.paths[self.file_ids[i]], "rb") as f:
-      f.seek(int(self.offsets[i]))
-      return _to_messages(json.loads(f.readline()))
-
-  def select(self, indices) -> "FileConversations":
-    return FileConversations(self.paths, self.file_ids[indices], self.offsets[indices],
-                             self.line_numbers[indices])
-
-
 def _to_messages(record) -> list[dict]:
   """A JSONL record ({"prompt", "response"} or {"messages"}) -> messages; ValueError if invalid."""
   if not isinstance(record, dict):
@@ -157,47 +131,6 @@ def _to_messages(record) -> list[dict]:
         raise ValueError(f"no string {field!r} field")
     return chat.from_pair(record["prompt"], record["response"])
   raise ValueError("expected a 'messages' list or 'prompt' and 'response' strings")
-
-
-def _index_globs(spec: str) -> FileConversations:
-  paths = set()
-  for pattern in (p.strip() for p in spec.split(",") if p.strip()):
-    matched = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
-    if not matched:
-      raise DataError(f"glob {pattern!r} matches no file")
-    paths.update(matched)
-  paths = sorted(paths)
-  file_ids, offsets, line_numbers = array.array("i"), array.array("q"), array.array("q")
-  for file_id, path in enumerate(paths):
-    if not path.endswith(".jsonl"):
-      raise DataError(f"{path}: unsupported file type (SFT data is .jsonl)")
-    count = len(offsets)
-    for offset, line_number in _index_jsonl(path):
-      file_ids.append(file_id)
-      offsets.append(offset)
-      line_numbers.append(line_number)
-    if len(offsets) == count:
-      raise DataError(f"{path}: empty file (no conversations)")
-  return FileConversations(paths, *(np.frombuffer(a, np.dtype(a.typecode))
-                                    for a in (file_ids, offsets, line_numbers)))
-
-
-def _index_jsonl(path: str):
-  """Yields (byte offset, 1-based line number) of each non-blank line, validated strictly."""
-  offset = 0
-  with open(path, "rb") as f:
-    for line_number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          record = json.loads(line)
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-          raise DataError(f"{path}:{line_number}: invalid JSON ({e})") from None
-        try:
-          _to_messages(record)
-        except ValueError as e:
-          raise DataError(f"{path}:{line_number}: {e}") from None
-        yield offset, line_number
-      offset += len(line)
 
 
 def _bucket(key: str) -> int:

@@ -104,15 +104,86 @@ def _index_stdlib():
   return paths, file_ids, offsets, np.array([_bucket(rel) for rel in kept], np.int32)
 
 
-def _index_globs(spec: str):
-  """Documents of the files matched by the comma-separated globs in `spec`."""
+def match_globs(spec: str) -> list[str]:
+  """The sorted files matched by the comma-separated globs (`**` allowed) in `spec`; a glob matching none is
+  an error."""
   paths = set()
   for pattern in (p.strip() for p in spec.split(",") if p.strip()):
     matched = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
     if not matched:
       raise DataError(f"glob {pattern!r} matches no file")
     paths.update(matched)
-  paths = sorted(paths)
+  return sorted(paths)
+
+
+class JsonlRecords(Sequence):
+  """Records of JSONL files, read lazily: record i is the line at byte `offsets[i]` of `paths[file_ids[i]]`
+  (1-based line `line_numbers[i]`), parsed and passed through `convert` in __getitem__. Picklable."""
+
+  def __init__(self, paths, file_ids, offsets, line_numbers, convert):
+    self.paths, self.convert = list(paths), convert
+    self.file_ids = np.asarray(file_ids, np.int32)
+    self.offsets = np.asarray(offsets, np.int64)
+    self.line_numbers = np.asarray(line_numbers, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  def __getitem__(self, i: int):
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"record {i} out of range for {len(self)} records")
+    with open(self.paths[self.file_ids[i]], "rb") as f:
+      f.seek(int(self.offsets[i]))
+      return self.convert(json.loads(f.readline()))
+
+  def split_keys(self) -> list[str]:
+    """f"{file name}:{line}" of each record: what the train/validation split hashes."""
+    return [f"{os.path.basename(self.paths[f])}:{line}" for f, line in zip(self.file_ids, self.line_numbers)]
+
+  def select(self, indices) -> "JsonlRecords":
+    return JsonlRecords(self.paths, self.file_ids[indices], self.offsets[indices], self.line_numbers[indices],
+                        self.convert)
+
+
+def jsonl_records(spec: str, convert, *, what: str) -> JsonlRecords:
+  """Every non-blank line of the .jsonl files of `spec`, each validated now by `convert` (a ValueError becomes
+  a DataError naming the file and line); `what` names the records in errors ("conversations")."""
+  file_ids, offsets, line_numbers = array.array("i"), array.array("q"), array.array("q")
+  paths = match_globs(spec)
+  for file_id, path in enumerate(paths):
+    if not path.endswith(JSONL_SUFFIXES):
+      raise DataError(f"{path}: unsupported file type ({what} are read from .jsonl files)")
+    count = len(offsets)
+    for offset, line_number, record in _jsonl_lines(path):
+      try:
+        convert(record)
+      except ValueError as e:
+        raise DataError(f"{path}:{line_number}: {e}") from None
+      file_ids.append(file_id)
+      offsets.append(offset)
+      line_numbers.append(line_number)
+    if len(offsets) == count:
+      raise DataError(f"{path}: empty file (no {what})")
+  return JsonlRecords(paths, file_ids, offsets, line_numbers, convert)
+
+
+def _jsonl_lines(path: str):
+  """(byte offset, 1-based line number, parsed JSON) of each non-blank line; invalid JSON is an error."""
+  offset = 0
+  with open(path, "rb") as f:
+    for line_number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          record = json.loads(line)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+          raise DataError(f"{path}:{line_number}: invalid JSON ({e})") from None
+        yield offset, line_number, record
+      offset += len(line)
+
+
+def _index_globs(spec: str):
+  """Documents of the files matched by the comma-separated globs in `spec`."""
+  paths = match_globs(spec)
   file_ids, offsets, buckets = array.array("i"), array.array("q"), array.array("i")
   for file_id, path in enumerate(paths):
     if path.endswith(JSONL_SUFFIXES):
@@ -149,15 +220,7 @@ def _check_text_file(path: str) -> bool:
 
 def _index_jsonl(path: str) -> Iterator[tuple[int, int]]:
   """Yields (byte offset, 1-based line number) of each non-blank line, validated strictly."""
-  offset = 0
-  with open(path, "rb") as f:
-    for line_number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          record = json.loads(line)
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-          raise DataError(f"{path}:{line_number}: invalid JSON ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-          raise DataError(f"{path}:{line_number}: no string 'text' field")
-        yield offset, line_number
-      offset += len(line)
+  for offset, line_number, record in _jsonl_lines(path):
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+      raise DataError(f"{path}:{line_number}: no string 'text' field")
+    yield offset, line_number

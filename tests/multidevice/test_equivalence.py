@@ -1,7 +1,6 @@
 """Run with 8 emulated CPU devices (tests/test_sharding.py::test_multidevice_suite does): the same losses on
 every mesh, with gradient accumulation, across a change of mesh at a checkpoint, and with 2 processes."""
 
-import json
 import os
 import socket
 import subprocess
