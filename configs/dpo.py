@@ -31,6 +31,7 @@ def get_config(arg=None):
   c.dpo.beta = 0.1                        # strength of the KL anchor to the reference (simpo: reward scale)
   c.dpo.label_smoothing = 0.0             # cDPO: assumed share of flipped labels, in [0, 0.5)
   c.dpo.gamma = 0.0                       # simpo's target margin
+  c.dpo.cache_reference = False           # compute reference log-probs once over the pairs, cache them on disk
   c.lora.enabled = arg.lora               # train a delta; the frozen base is the reference
   c.optimizer.learning_rate /= 3
   c.optimizer.warmup_steps = 20

@@ -48,25 +48,36 @@ def next_token(model_cfg: model_lib.ModelConfig, config) -> Objective:
                    functools.partial(model_lib.init_boxed, model_cfg))
 
 
+def pair_logps(model_cfg: model_lib.ModelConfig, kind: str, params, batch):
+  """([B] chosen, [B] rejected) answer log-probs of a preference batch, both sides in one forward pass; summed
+  over answer tokens, or averaged for simpo."""
+  both = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]])
+          for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
+  logits = _logits(model_cfg, params, both)
+  per_seq = losses.mean_sequence_logprobs if kind == "simpo" else losses.sequence_logprobs
+  out_2B = per_seq(logits, both["targets"], both["loss_mask"])
+  b = batch["chosen_inputs"].shape[0]
+  return out_2B[:b], out_2B[b:]
+
+
+def reference_params(frozen, config):
+  """The DPO reference among the frozen trees: the LoRA base (dequantised), or the frozen copy."""
+  return lora.dequantize(frozen["base"]) if config.lora.enabled else frozen["reference"]
+
+
 def dpo(model_cfg: model_lib.ModelConfig, config) -> Objective:
   """Preference loss (dpo.kind: sigmoid = DPO, with dpo.label_smoothing = cDPO; ipo; simpo) on answer tokens.
   Chosen and rejected rows go through the model in one forward pass (concatenated on the batch axis). The
   reference is frozen["reference"]; simpo needs none."""
   d = config.dpo
-
-  def logps(params, batch):
-    both = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]])
-            for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-    logits = _logits(model_cfg, params, both)
-    per_seq = losses.mean_sequence_logprobs if d.kind == "simpo" else losses.sequence_logprobs
-    out_2B = per_seq(logits, both["targets"], both["loss_mask"])
-    b = batch["chosen_inputs"].shape[0]
-    return out_2B[:b], out_2B[b:]
+  logps = functools.partial(pair_logps, model_cfg, d.kind)
 
   def loss_fn(params, batch, frozen):
     chosen, rejected = logps(params, batch)
     ref_chosen = ref_rejected = None
-    if d.kind != "simpo":
+    if "ref_chosen_logps" in batch:  # precomputed once over the dataset (jaxllm/reference.py)
+      ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    elif d.kind != "simpo":
       ref_chosen, ref_rejected = jax.lax.stop_gradient(logps(frozen["reference"], batch))
     total, count, sums = losses.dpo_loss_sum(chosen, rejected, ref_chosen, ref_rejected, beta=d.beta, kind=d.kind,
                                              label_smoothing=d.label_smoothing, gamma=d.gamma)

@@ -93,8 +93,12 @@ def batch_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
 
 
 def put_batch(batch, sharding: NamedSharding):
-  """This process's rows of the global batch -> global jax.Arrays (works for one or many processes)."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  """This process's rows of the global batch -> global jax.Arrays (works for one or many processes). Leaves of
+  fewer dims than the sharding's spec (per-row values, [batch]) take its leading entries."""
+  def put(x):
+    s = sharding if x.ndim == len(sharding.spec) else NamedSharding(sharding.mesh, P(*sharding.spec[:x.ndim]))
+    return jax.make_array_from_process_local_data(s, x)
+  return jax.tree.map(put, batch)
 
 
 def with_rules(jitted_fn, mesh: Mesh, rules=RULES):

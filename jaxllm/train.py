@@ -24,7 +24,7 @@ from flax import struct
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm import distributed
 from jaxllm import config as config_lib
-from jaxllm import generate, lora, metrics as metrics_lib, model as model_lib, objectives, optim, sharding
+from jaxllm import generate, lora, metrics as metrics_lib, model as model_lib, objectives, optim, reference, sharding
 from jaxllm.data import chat, loaders
 
 
@@ -158,7 +158,9 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
 
   data_stats = []  # SFT: counts of truncated and dropped examples, per local data shard
   data_iter = iter(loaders.make_dataset(config, train_source, tokenizer, train=True, stats=data_stats))
-  eval_batches = [sharding.put_batch(b, batch_sharding) for b in loaders.eval_batches(config, val_source, tokenizer)]
+  drop_index = lambda b: {k: v for k, v in b.items() if k != "pair_index"}
+  eval_batches = [sharding.put_batch(drop_index(b), batch_sharding)
+                  for b in loaders.eval_batches(config, val_source, tokenizer)]
 
   frozen, frozen_sharding = frozen_trees(config, model_cfg, source_run, mesh, rules)
   meta = {"tokenizer_sha256": tokenizer.sha256, "model": dataclasses.asdict(model_cfg)}
@@ -185,6 +187,16 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
       _log(f"initialized from {source_run[0]}/checkpoints/{source_run[1]}"
            + (" (frozen base of a LoRA delta)" if config.lora.enabled else ""))
 
+  host_batch = drop_index
+  if config.stage == "dpo" and config.dpo.get("cache_reference"):
+    ref_chosen, ref_rejected, path, computed = reference.load_or_compute(
+        config, model_cfg, frozen, train_source, tokenizer, workdir, meta["init_from"])
+    _log(f"reference log-probs of {len(ref_chosen)} pairs {'computed into' if computed else 'read from'} {path}")
+
+    def host_batch(b):  # look up the cached reference log-probs of the batch's pairs
+      index = b["pair_index"]
+      return {**drop_index(b), "ref_chosen_logps": ref_chosen[index], "ref_rejected_logps": ref_rejected[index]}
+
   n_params = model_lib.num_params(model_cfg)
   n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
   flops_per_token = model_lib.flops_per_token(model_cfg, t.seq_len)
@@ -196,10 +208,10 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   step_fn = sharding.with_rules(jax.jit(
       functools.partial(train_step, loss_fn=objective.loss_fn, tx=tx, lr_schedule=lr_schedule,
                         grad_accum=t.grad_accum),
-      in_shardings=(state_sharding, batch_sharding, frozen_sharding), out_shardings=(state_sharding, None),
+      in_shardings=(state_sharding, None, frozen_sharding), out_shardings=(state_sharding, None),
       donate_argnums=0), mesh, rules)
   eval_fn = sharding.with_rules(jax.jit(functools.partial(eval_step, eval_fn=objective.eval_fn),
-                                        in_shardings=(state_sharding.params, batch_sharding, frozen_sharding)),
+                                        in_shardings=(state_sharding.params, None, frozen_sharding)),
                                 mesh, rules)
 
   def evaluate(params) -> dict:
@@ -256,7 +268,7 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
 
   pending = None
   for step in range(start_step + 1, min(t.steps, stop_after or t.steps) + 1):
-    batch = sharding.put_batch(next(data_iter), batch_sharding)
+    batch = sharding.put_batch(host_batch(next(data_iter)), batch_sharding)
     state, m = step_fn(state, batch, frozen)
     if pending is not None:
       finish_step(*pending)

@@ -29,7 +29,8 @@ def dpo_config(corpus_dir, pref_jsonl, init_from, *, use_lora, **overrides):
                                  "train.seq_len": 40, "optimizer.warmup_steps": 0, **overrides}).unlock()
   c.stage, c.init_from = "dpo", init_from
   c.data.sources, c.data.overlong, c.data.hard_fraction = str(pref_jsonl), "truncate", 0.5
-  c.dpo = ml_collections.ConfigDict(dict(kind="sigmoid", beta=0.5, label_smoothing=0.0, gamma=0.0))
+  c.dpo = ml_collections.ConfigDict(dict(kind="sigmoid", beta=0.5, label_smoothing=0.0, gamma=0.0,
+                                         cache_reference=False))
   c.lora.enabled, c.lora.rank, c.lora.alpha = use_lora, 4, 8.0
   c.optimizer.learning_rate = 1e-2
   return c
@@ -74,10 +75,25 @@ def test_lora_resume_refuses_a_changed_base(pretrained, corpus_dir, qa_jsonl, tm
     train.run(c, workdir)
 
 
-@pytest.mark.parametrize("use_lora", [True, False])
-def test_dpo_starts_at_log2_and_learns_the_preferences(pretrained, corpus_dir, pref_jsonl, tmp_path, use_lora):
-  workdir = str(tmp_path / "dpo")
-  train.run(dpo_config(corpus_dir, pref_jsonl, pretrained, use_lora=use_lora), workdir)
+@pytest.fixture(scope="module")
+def dpo_runs(pretrained, corpus_dir, pref_jsonl, tmp_path_factory):
+  """name -> workdir of a 12-step DPO run: with LoRA, with LoRA and cached reference log-probs, full."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      c = dpo_config(corpus_dir, pref_jsonl, pretrained, use_lora=name != "full")
+      c.dpo.cache_reference = name == "lora+cache"
+      cache[name] = str(tmp_path_factory.mktemp(name.replace("+", "_")))
+      train.run(c, cache[name])
+    return cache[name]
+
+  return get
+
+
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_dpo_starts_at_log2_and_learns_the_preferences(dpo_runs, name):
+  workdir = dpo_runs(name)
   rows = metrics_lib.read_metrics(workdir)
   first = next(r for r in rows if r["step"] == 1 and "loss" in r)
   # step 1: policy == reference (LoRA: B = 0, so merged == base; full: the reference is a copy of the start)
@@ -102,3 +118,36 @@ def test_dpo_and_lora_config_errors(corpus_dir, pref_jsonl, pretrained):
   c.lora.targets = "attention,("
   with pytest.raises(config_lib.ConfigError, match="lora.targets"):
     config_lib.validate(c, num_devices=1)
+
+
+def test_cached_reference_logps_equal_recomputed(pretrained, corpus_dir, pref_jsonl, dpo_runs, capsys):
+  from jaxllm import checkpoint, losses, model as model_lib, reference
+  from jaxllm.data import chat, loaders
+  from jaxllm.data.tokenizer import Tokenizer
+
+  c = dpo_config(corpus_dir, pref_jsonl, pretrained, use_lora=False, **{"train.seq_len": 96})  # no truncation
+  run_dir, step = checkpoint.resolve_run(pretrained)
+  params = checkpoint.load_params(run_dir, step)
+  model_cfg = config_lib.model_from_run(c, run_dir)
+  tok = Tokenizer.from_file(os.path.join(run_dir, "tokenizer.model"))
+  pairs, _ = loaders.load_sources(c)
+  chosen, rejected = reference.compute(c, model_cfg, {"reference": params}, pairs, tok)
+  for i in (0, 7, len(pairs) - 1):  # recomputed one pair at a time, unpadded, from the rendered conversation
+    for side, cached in (("chosen", chosen[i]), ("rejected", rejected[i])):
+      ids, mask = chat.render(pairs[i]["prompt"] + [{"role": "assistant", "content": pairs[i][side]}], tok)
+      ids, mask = np.asarray(ids)[None], np.asarray(mask, np.float32)[None]
+      assert ids.shape[1] <= 97
+      logits = model_lib.forward(model_cfg, params, ids[:, :-1])
+      want = float(losses.sequence_logprobs(logits, ids[:, 1:], mask[:, 1:])[0])
+      assert cached == pytest.approx(want, rel=1e-5, abs=1e-4), (i, side)
+  # a run with the cache trains as the run without it, and a restart reads the cache instead of recomputing
+  with_cache, without = dpo_runs("lora+cache"), dpo_runs("lora")
+  a = [r["loss"] for r in metrics_lib.read_metrics(with_cache) if "loss" in r]
+  b = [r["loss"] for r in metrics_lib.read_metrics(without) if "loss" in r]
+  np.testing.assert_allclose(a, b, rtol=1e-4)
+  assert any(f.startswith("reference_logps-") for f in os.listdir(with_cache))
+  c = dpo_config(corpus_dir, pref_jsonl, pretrained, use_lora=True)
+  c.dpo.cache_reference = True
+  capsys.readouterr()
+  train.run(c, with_cache)
+  assert "read from" in capsys.readouterr().out

@@ -227,7 +227,7 @@ def preference_dataset(
   if overlong not in sft.OVERLONG_POLICIES:
     raise ValueError(f"overlong must be one of {sft.OVERLONG_POLICIES}, got {overlong!r}")
   chat.check_tokenizer(tokenizer, template)  # fail now, not in a worker thread
-  ds = grain.MapDataset.source(pairs)[process_index::process_count]
+  ds = grain.MapDataset.source(pairs).map_with_index(_with_index)[process_index::process_count]
   if shuffle:
     ds = ds.shuffle(seed)
   if repeat:
@@ -239,10 +239,15 @@ def preference_dataset(
   return ds.batch(batch_size, drop_remainder=True)
 
 
+def _with_index(index: int, pair: dict) -> dict:
+  return {**pair, "index": index}
+
+
 def make_pair_example(pair: dict, tokenizer: Tokenizer, *, seq_len: int,
                       template: chat.ChatTemplate = chat.DEFAULT_TEMPLATE, overlong: str = "truncate") -> dict:
-  """One pair -> the padded [seq_len] features of both sides (see preference_dataset) and a "status" (kept,
-  truncated, too long) with sft.make_example's codes; a dropped pair has empty features."""
+  """One pair -> the padded [seq_len] features of both sides (see preference_dataset), its `pair_index` (its
+  place in the source, -1 if unknown) and a "status" (kept, truncated, too long) with sft.make_example's codes;
+  a dropped pair has empty features."""
   prompt_ids = chat.render_prompt(pair["prompt"], tokenizer, template)  # ends with "<|assistant|>\n"
   answers = {}
   for side in SIDES:  # render is prefix-stable: render(prompt + [answer]) = prompt_ids + answer ids
@@ -257,7 +262,7 @@ def make_pair_example(pair: dict, tokenizer: Tokenizer, *, seq_len: int,
     keep = max(budget - longest, min(len(prompt_ids), budget // 2))
     prompt_ids, status = prompt_ids[len(prompt_ids) - keep:], sft._TRUNCATED
     answers = {side: (ids[:budget - keep], mask[:budget - keep]) for side, (ids, mask) in answers.items()}
-  example = {"status": status}
+  example = {"status": status, "pair_index": np.int32(pair.get("index", -1))}  # the pair's place in `pairs`
   for side, (answer_ids, answer_mask) in answers.items():
     ids = np.asarray(prompt_ids + answer_ids, np.int32)
     mask = np.asarray([0.0] * len(prompt_ids) + answer_mask, np.float32)
