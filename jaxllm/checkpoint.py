@@ -74,10 +74,18 @@ def identity(run_dir: str, step: int) -> str:
 
 
 def load_params(run_dir: str, step: int):
-  """The trained params of a run's checkpoint, as host arrays (the caller places them on its mesh)."""
+  """The model params of a run's checkpoint, as host arrays (the caller places them on its mesh). A LoRA run's
+  checkpoint holds only its delta: it is put back on the run's own base (its init_from), recursively."""
   manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return restored["state"]["params"]
+  params = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+  config_path = os.path.join(run_dir, "config.json")
+  lora_config = json.load(open(config_path)).get("lora", {}) if os.path.exists(config_path) else {}
+  if not lora_config.get("enabled"):
+    return params
+  from jaxllm import lora
+  with open(config_path) as f:
+    base_from = json.load(f)["init_from"]
+  return lora.merge(load_params(*resolve_run(base_from)), lora.from_saved(params, lora_config))
 
 
 def abstract_with_shardings(abstract_tree, shardings):

@@ -325,3 +325,11 @@ def dequantize(params) -> Params:
   """QuantizedWeight leaves -> float32 values·scale; every other leaf as is."""
   return jax.tree.map(lambda x: x.values.astype(jnp.float32) * x.scale if isinstance(x, QuantizedWeight) else x,
                       params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+
+
+def from_saved(tree, lora_config) -> Params:
+  """A delta restored without a target ({"a", "b"} dicts) -> LoraWeight leaves with the scale of `lora_config`
+  (the run's config.json "lora" section, or a ConfigDict)."""
+  scale = scaling(lora_config["rank"], lora_config["alpha"], lora_config.get("rslora", False))
+  is_pair = lambda x: isinstance(x, dict) and set(x) == {"a", "b"}
+  return jax.tree.map(lambda x: LoraWeight(x["a"], x["b"], scale) if is_pair(x) else x, tree, is_leaf=is_pair)

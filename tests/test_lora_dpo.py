@@ -60,6 +60,15 @@ def test_lora_sft_trains_and_saves_only_the_delta(pretrained, corpus_dir, qa_jso
   cfg, params, tok = generate.load_run(workdir)
   assert jax.tree.structure(params) == jax.tree.structure(full)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full)))
+  # init_from a LoRA run reads its merged model; export writes that model as a full run
+  from jaxllm import checkpoint, export
+  as_init = checkpoint.load_params(*checkpoint.resolve_run(workdir))
+  out = export.export_merged(workdir, str(tmp_path / "merged"))
+  exported = generate.load_run(out)[1]
+  for a, b, e in zip(jax.tree.leaves(params), jax.tree.leaves(as_init), jax.tree.leaves(exported)):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(e, b)
+  assert not json.load(open(os.path.join(out, "config.json")))["lora"]["enabled"]
 
 
 def test_lora_resume_refuses_a_changed_base(pretrained, corpus_dir, qa_jsonl, tmp_path):
