@@ -7,11 +7,15 @@ Running the same command again on the same workdir resumes from the newest check
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -267,21 +271,28 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
     print_samples(config, model_cfg, state.params, tokenizer, frozen, when="before training")
 
   pending = None
-  for step in range(start_step + 1, min(t.steps, stop_after or t.steps) + 1):
-    batch = sharding.put_batch(host_batch(next(data_iter)), batch_sharding)
-    state, m = step_fn(state, batch, frozen)
-    if pending is not None:
-      finish_step(*pending)
-    pending = (step, m)
-    if step % t.checkpoint_every == 0 or step == t.steps:
-      checkpointer.save(step, state, data_iter, meta)
-    if eval_batches and (step % t.eval_every == 0 or step == t.steps):
-      finish_step(*pending)
-      pending = None
-      row = evaluate(state.params)
-      writer.write(step, row)
-      _log(f"step {step}/{t.steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
-      last.update(row)
+  with _sigterm_flag() as preempted:
+    for step in range(start_step + 1, min(t.steps, stop_after or t.steps) + 1):
+      batch = sharding.put_batch(host_batch(next(data_iter)), batch_sharding)
+      state, m = step_fn(state, batch, frozen)
+      if pending is not None:
+        finish_step(*pending)
+      pending = (step, m)
+      if step % t.checkpoint_every == 0 or step == t.steps or preempted:
+        checkpointer.save(step, state, data_iter, meta)
+      if preempted:  # SIGTERM (preemption): keep this step, stop, and let the same command resume
+        finish_step(*pending)
+        checkpointer.close()
+        writer.close()
+        raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint {step} is committed and the same "
+                        "command resumes from it")
+      if eval_batches and (step % t.eval_every == 0 or step == t.steps):
+        finish_step(*pending)
+        pending = None
+        row = evaluate(state.params)
+        writer.write(step, row)
+        _log(f"step {step}/{t.steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        last.update(row)
   if pending is not None:
     finish_step(*pending)
   checkpointer.close()
@@ -295,6 +306,29 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
       _log(f"loss curve: {plot}")
   print_samples(config, model_cfg, state.params, tokenizer, frozen, when="after training")
   return last
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on purpose, resumable
+
+
+class Preempted(Exception):
+  """The run got SIGTERM, saved a checkpoint of its current step and stopped; the same command resumes."""
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+  """A list that becomes non-empty when SIGTERM arrives (single-process runs, from the main thread); the previous
+  handler is restored on exit. Multi-process runs keep the default handler: their processes would have to agree
+  on the step to save (jax's preemption sync point), which is not wired in yet."""
+  flag = []
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.append(signum))
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def print_samples(config, model_cfg, params, tokenizer, frozen, *, when: str):
@@ -325,7 +359,11 @@ def main(argv):
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   distributed.initialize()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,39 @@ def test_gradient_accumulation_equals_one_big_batch(corpus_dir):
   assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-6)
   assert float(m1["grad_norm"]) == pytest.approx(float(m4["grad_norm"]), rel=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), one.params, four.params)
+
+
+def test_sigterm_saves_the_current_step_and_the_same_command_resumes(corpus_dir, tmp_path):
+  """Preemption: SIGTERM -> a checkpoint of the current step, exit code 75 within 60 s; rerun -> resumes."""
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / "preempted")
+  overrides = {"data.sources": str(corpus_dir / "*.txt"), "data.validation_fraction": 0.1,
+               "data.tokenizer.vocab_size": 320, "model.d_model": 32, "model.num_layers": 2, "model.mlp_dim": 64,
+               "model.num_heads": 2, "model.num_kv_heads": 1, "model.head_dim": 16, "train.batch_size": 4,
+               "train.seq_len": 32, "train.log_every": 1, "train.eval_batches": 0, "train.num_samples": 0,
+               "train.checkpoint_every": 100_000, "optimizer.warmup_steps": 2}
+  command = lambda steps: [sys.executable, "-m", "jaxllm.train", "--config", "configs/pretrain_tiny.py",
+                           "--workdir", workdir, f"--config.train.steps={steps}",
+                           *(f"--config.{k}={v}" for k, v in overrides.items())]
+  proc = subprocess.Popen(command(100_000), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:  # wait until training is under way
+    if line.startswith("step 5/"):
+      break
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == train.PREEMPTED_EXIT_CODE, err[-2000:]
+  assert time.time() - sent < 60 and "preempted: stopped by SIGTERM after step" in err
+  saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 5  # the step it was at, not a periodic checkpoint
+  k = saved[0]
+  assert max(r["step"] for r in metrics_lib.read_metrics(workdir)) == k
+  done = subprocess.run(command(k + 2), cwd=root, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f"resumed from {workdir}/checkpoints/{k}" in done.stdout
+  assert [r["step"] for r in metrics_lib.read_metrics(workdir)][-3:] == [k, k + 1, k + 2]
