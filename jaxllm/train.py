@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -89,7 +90,7 @@ def eval_step(params, batch, frozen, *, eval_fn):
   return loss_sum, weight, aux
 
 
-def frozen_trees(config, model_cfg, source_run, mesh, rules):
+def frozen_trees(config, model_cfg, source_params, mesh, rules):
   """The trees the step reads but never trains, and their shardings: the LoRA base ("base", int8 if
   lora.quantize_base) or the DPO reference ("reference"), both the params of the run init_from names."""
   needs_base = config.lora.enabled
@@ -97,7 +98,7 @@ def frozen_trees(config, model_cfg, source_run, mesh, rules):
   if not (needs_base or needs_reference):
     return {}, {}
   base_axes = model_lib.logical_axes(model_cfg)
-  params = ckpt_lib.load_params(*source_run)
+  params = source_params()
   trees, axes = {}, {}
   if needs_base:
     trees["base"] = lora.quantize_int8(params, config.lora.targets) if config.lora.quantize_base else params
@@ -166,7 +167,8 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   eval_batches = [sharding.put_batch(drop_index(b), batch_sharding)
                   for b in loaders.eval_batches(config, val_source, tokenizer)]
 
-  frozen, frozen_sharding = frozen_trees(config, model_cfg, source_run, mesh, rules)
+  source_params = functools.cache(lambda: ckpt_lib.load_params(*source_run))  # read once, if at all
+  frozen, frozen_sharding = frozen_trees(config, model_cfg, source_params, mesh, rules)
   meta = {"tokenizer_sha256": tokenizer.sha256, "model": dataclasses.asdict(model_cfg)}
   if source_run:
     meta["init_from"] = ckpt_lib.identity(*source_run)  # a LoRA checkpoint is only its delta: name its base
@@ -185,21 +187,24 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
     start_step = 0
     state = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=state_sharding)(rng)
     if source_run and not config.lora.enabled:  # start from another run's params; fresh optimizer state
-      params = ckpt_lib.load_params(*source_run)
-      state = state.replace(params=jax.device_put(params, state_sharding.params))
+      # a copy: the trainable state is donated to the step, and a DPO reference must not share its buffers
+      start = jax.tree.map(lambda x: np.array(x, copy=True), source_params())
+      state = state.replace(params=jax.device_put(start, state_sharding.params))
     if source_run:
       _log(f"initialized from {source_run[0]}/checkpoints/{source_run[1]}"
            + (" (frozen base of a LoRA delta)" if config.lora.enabled else ""))
 
-  host_batch = drop_index
-  if config.stage == "dpo" and config.dpo.get("cache_reference"):
+  cache = config.stage == "dpo" and config.dpo.get("cache_reference")
+  if cache:
     ref_chosen, ref_rejected, path, computed = reference.load_or_compute(
         config, model_cfg, frozen, train_source, tokenizer, workdir, meta["init_from"])
     _log(f"reference log-probs of {len(ref_chosen)} pairs {'computed into' if computed else 'read from'} {path}")
 
-    def host_batch(b):  # look up the cached reference log-probs of the batch's pairs
-      index = b["pair_index"]
-      return {**drop_index(b), "ref_chosen_logps": ref_chosen[index], "ref_rejected_logps": ref_rejected[index]}
+  def host_batch(b):  # drop the pair index; with the cache, look up the reference log-probs of the batch's pairs
+    if not cache:
+      return drop_index(b)
+    index = b["pair_index"]
+    return {**drop_index(b), "ref_chosen_logps": ref_chosen[index], "ref_rejected_logps": ref_rejected[index]}
 
   n_params = model_lib.num_params(model_cfg)
   n_trainable = sum(x.size for x in jax.tree.leaves(state.params))

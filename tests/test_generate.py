@@ -55,6 +55,18 @@ def greedy(model):
   return generate.generate(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0), temperature=0.0)
 
 
+@pytest.fixture(scope="module")
+def scan_model():
+  """Sampling and stopping do not depend on the layer loop: their tests use the scanned model only."""
+  return CFG, random_params(CFG, 0)
+
+
+@pytest.fixture(scope="module")
+def scan_greedy(scan_model):
+  cfg, params = scan_model
+  return generate.generate(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0), temperature=0.0)
+
+
 def _gen(model, **kw):
   """generate on PROMPTS: every call with the default top_k/top_p reuses one compiled program."""
   cfg, params = model
@@ -118,10 +130,9 @@ def test_scan_and_loop_share_the_cache_layout(model):
   assert cache.k_LxBxSxKxE.shape == cache.v_LxBxSxKxE.shape == (2, 3, 10, CFG.num_kv_heads, CFG.head_dim)
 
 
-def test_top_k_1_and_tiny_top_p_equal_greedy(model, greedy):
+def test_top_k_1_and_tiny_top_p_equal_greedy(scan_model, scan_greedy):
+  model, greedy = scan_model, scan_greedy
   cfg, params = model
-  if not cfg.scan_layers:
-    pytest.skip("sampling does not depend on the layer loop")
   assert _gen(model, temperature=1.0, top_k=1, rng=jax.random.key(3)) == greedy
   assert _gen(model, temperature=1.0, top_p=1e-6, rng=jax.random.key(4)) == greedy
 
@@ -140,10 +151,8 @@ def test_top_k_then_top_p_keep_the_right_ids():
   np.testing.assert_allclose(counts(draw(keys, 0, 0.75)), [0, 4 / 9, 2 / 9, 3 / 9], atol=0.03)  # .7 < .75
 
 
-def test_sampling_is_seeded_and_respects_vocab_limit(model, greedy):
-  cfg, _ = model
-  if not cfg.scan_layers:
-    pytest.skip("sampling does not depend on the layer loop")
+def test_sampling_is_seeded_and_respects_vocab_limit(scan_model):
+  model = scan_model
   a = _gen(model, temperature=5.0, rng=jax.random.key(7), vocab_limit=100)
   assert a == _gen(model, temperature=5.0, rng=jax.random.key(7), vocab_limit=100)
   assert a != _gen(model, temperature=5.0, rng=jax.random.key(8), vocab_limit=100)
@@ -152,10 +161,9 @@ def test_sampling_is_seeded_and_respects_vocab_limit(model, greedy):
   assert max(t for row in unlimited for t in row) >= 100  # the limit is what kept them below 100
 
 
-def test_stop_ids_cut_the_output(model, greedy):
+def test_stop_ids_cut_the_output(scan_model, scan_greedy):
+  model, greedy = scan_model, scan_greedy
   cfg, params = model
-  if not cfg.scan_layers:
-    pytest.skip("stopping does not depend on the layer loop")
   stop = greedy[1][3]
   got = _gen(model, stop_ids=(stop,))
   for row, full in zip(got, greedy):

@@ -46,11 +46,8 @@ def pretrain_dataset(
   A long document fills many consecutive rows, so with shuffle=True the packed rows are also shuffled
   within windows of `shuffle_window` rows: a batch then mixes many documents.
   """
-  ds = grain.MapDataset.source(docs)[process_index::process_count]
-  if shuffle:
-    ds = ds.shuffle(seed)
-  if repeat:
-    ds = ds.repeat()  # reseeds the shuffle each epoch
+  ds = records(docs, seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index,
+               process_count=process_count)
   ds = ds.filter(_is_nonempty).map(functools.partial(_tokenize, tokenizer=tokenizer))
   ds = grain.experimental.ConcatThenSplitIterDataset(
       ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
@@ -59,6 +56,25 @@ def pretrain_dataset(
     ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
   ds = ds.map(functools.partial(shift_for_next_token, pad_id=tokenizer.pad_id))
   return ds.batch(batch_size, drop_remainder=True)
+
+
+def records(source, *, seed: int, shuffle: bool, repeat: bool, process_index: int, process_count: int,
+            with_index: bool = False) -> grain.MapDataset:
+  """The records of `source` this shard reads (process_index, process_index + process_count, ...), shuffled with
+  `seed` and repeated (each epoch reshuffled) as asked. with_index: records become (source index, record)."""
+  ds = grain.MapDataset.source(source)
+  if with_index:
+    ds = ds.map_with_index(_indexed)
+  ds = ds[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed)
+  if repeat:
+    ds = ds.repeat()  # reseeds the shuffle each epoch
+  return ds
+
+
+def _indexed(index: int, record):
+  return index, record
 
 
 def shift_for_next_token(row: dict, pad_id: int = 0) -> dict:

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from jaxllm.data import chat, sft, sources
+from jaxllm.data import chat, pipeline, sft, sources
 from jaxllm.data.sft import SFTStats
 from jaxllm.data.sources import DataError
 from jaxllm.data.tokenizer import Tokenizer
@@ -227,11 +227,9 @@ def preference_dataset(
   if overlong not in sft.OVERLONG_POLICIES:
     raise ValueError(f"overlong must be one of {sft.OVERLONG_POLICIES}, got {overlong!r}")
   chat.check_tokenizer(tokenizer, template)  # fail now, not in a worker thread
-  ds = grain.MapDataset.source(pairs).map_with_index(_with_index)[process_index::process_count]
-  if shuffle:
-    ds = ds.shuffle(seed)
-  if repeat:
-    ds = ds.repeat()  # reseeds the shuffle each epoch
+  ds = pipeline.records(pairs, seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index,
+                        process_count=process_count, with_index=True)
+  ds = ds.map(_with_index)  # the pair's place in `pairs`, for cached reference log-probs
   ds = ds.map(functools.partial(make_pair_example, tokenizer=tokenizer, seq_len=seq_len, template=template,
                                 overlong=overlong))
   # sft's counting filter: drops what make_pair_example marked as dropped; its counts live in the iterator state.
@@ -239,8 +237,8 @@ def preference_dataset(
   return ds.batch(batch_size, drop_remainder=True)
 
 
-def _with_index(index: int, pair: dict) -> dict:
-  return {**pair, "index": index}
+def _with_index(indexed: tuple[int, dict]) -> dict:
+  return {**indexed[1], "index": indexed[0]}
 
 
 def make_pair_example(pair: dict, tokenizer: Tokenizer, *, seq_len: int,

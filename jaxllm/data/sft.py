@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from jaxllm.data import chat
+from jaxllm.data import chat, pipeline
 from jaxllm.data import sources
 from jaxllm.data.sources import DataError
 from jaxllm.data.tokenizer import Tokenizer
@@ -201,11 +201,8 @@ def sft_dataset(
   if not 0.0 <= prompt_loss_weight <= 1.0:
     raise ValueError(f"prompt_loss_weight must be in [0, 1], got {prompt_loss_weight}")
   chat.check_tokenizer(tokenizer, template)  # fail now, not in a worker thread
-  ds = grain.MapDataset.source(convs)[process_index::process_count]
-  if shuffle:
-    ds = ds.shuffle(seed)
-  if repeat:
-    ds = ds.repeat()  # reseeds the shuffle each epoch
+  ds = pipeline.records(convs, seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index,
+                        process_count=process_count)
   ds = ds.map(functools.partial(
       make_example, tokenizer=tokenizer, template=template, seq_len=seq_len,
       prompt_loss_weight=prompt_loss_weight, overlong=overlong))
