@@ -1,5 +1,6 @@
 """Full fine-tuning against LoRA on the same batch: trainable params, optimizer-state bytes, compiled memory and
-step time of the real train step (train.train_step with objectives.with_lora), small preset by default.
+step time of the real train step (train.train_step with objectives.with_lora), small preset by default. LoRA
+runs on the trainer's unmerged path (x·W + s·(x·A)·B) and, for comparison, on the merged one (merge(W, ΔW)).
 
   python bench/lora.py [--size small] [--rank 8] [--batch 8] [--seq 256] [--steps 5]
 
@@ -68,9 +69,13 @@ def main():
   config.init_from = "(bench)"
   model_cfg = config_lib.resolve_model(config, args.vocab)
   rows = {}
-  for name, enabled, quantize in (("full fine-tune", False, False), (f"LoRA r={args.rank}", True, False),
-                                  (f"LoRA r={args.rank}, int8 base", True, True)):
+  for name, enabled, quantize, merged in (
+      ("full fine-tune", False, False, False),
+      (f"LoRA r={args.rank}", True, False, False),
+      (f"LoRA r={args.rank}, merged forward", True, False, True),
+      (f"LoRA r={args.rank}, int8 base", True, True, False)):
     config.lora.enabled, config.lora.rank, config.lora.quantize_base = enabled, args.rank, quantize
+    config.lora.merged = merged
     config.lora.alpha = 2.0 * args.rank
     rows[name] = measure(config, model_cfg, args.steps)
   full = rows["full fine-tune"]

@@ -10,7 +10,6 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                              # params init, data order, sampling
   c.stage = "pretrain"                    # pretrain | sft: the loss and the data the run trains on
-  c.init_from = ""                        # start from this run's params (a workdir or .../checkpoints/N)
   c.init_from = ""                        # a workdir or checkpoint to start from ("" = from scratch)
 
   c.model = ml_collections.ConfigDict()
@@ -69,6 +68,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.lora.targets = "attention,mlp"        # presets (attention mlp embed lm_head all) or regexes over param paths
   c.lora.rslora = False                   # scale alpha/sqrt(rank) instead of alpha/rank
   c.lora.quantize_base = False            # hold the frozen base as int8 with per-channel scales (QLoRA-style)
+  c.lora.dropout = 0.0                    # dropout on the input of the A·B path while training (unmerged path)
+  c.lora.merged = False                   # compute with merge(W, ΔW) instead of x·W + s·(x·A)·B (slower backward)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                        # data-parallel replicas (-1 = all devices left)

@@ -22,9 +22,20 @@ or writes it ("embed" last: out = embed); tests/test_lora.py checks the table ag
 The delta tree mirrors the base's dicts, holding only the targeted paths, each a LoraWeight:
   a [*L, *in, r]   b [*L, r, *out]   scale: a static float (in the treedef: never trained, never an array)
 
-Dropout. LoRA dropout drops the *input activations* of the A·B path, per token: x·W + s·(drop(x)·A)·B. That
-needs the unmerged path inside the model, which this module does not touch, so there is no dropout here
-(dropping entries of A or B per step would be DropConnect, a different regulariser).
+Two ways to run the model on base + delta, equal in value (tests/test_lora.py checks them against each other):
+  merged    model.forward(cfg, merge(base, delta), ...): the model sees W + s·A·B. Simple, and what generation,
+            export and evaluation of a saved delta use. Its backward pass computes the full dL/dW of every
+            targeted weight (then dA, dB from it): as costly as full fine-tuning's.
+  unmerged  apply(fn, base, delta, ...): runs fn(params, ...) where each targeted module computes x·W + s·(x·A)·B.
+            The backward pass never forms dL/dW (only thin [tokens, r] products), so a step costs about 2/3 of
+            a full fine-tuning step. The model code is not edited: A and B ride in the params tree next to the
+            weight ("lora_a" = A, "lora_b" = s·B: nn.scan slices them per layer like the weight) and a flax method
+            interceptor (nn.intercept_methods) adds the low-rank term to the output of the modules that hold
+            them. This is the trainer's path.
+
+Dropout (unmerged path only). LoRA dropout drops the *input activations* of the A·B path, per token and feature:
+x·W + s·(drop(x)·A)·B, with an independent mask per module and per layer (a key per layer rides next to A and
+B as "lora_rng"). Not applied to an embedding's lookup (its input is token ids).
 
 Quantized base (QLoRA-style). `quantize_int8` stores frozen matrices as int8 with float32 per-output-channel
 scales (symmetric absmax); inside the step, merge(dequantize(qbase), delta) gives float32 weights.
@@ -36,6 +47,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -333,3 +345,73 @@ def from_saved(tree, lora_config) -> Params:
   scale = scaling(lora_config["rank"], lora_config["alpha"], lora_config.get("rslora", False))
   is_pair = lambda x: isinstance(x, dict) and set(x) == {"a", "b"}
   return jax.tree.map(lambda x: LoraWeight(x["a"], x["b"], scale) if is_pair(x) else x, tree, is_leaf=is_pair)
+
+
+# ------------------------------------------------------------------------------------------ unmerged path
+
+_FACTORS = ("lora_a", "lora_b", "lora_rng")
+
+
+def _module_keys(keys: tuple) -> tuple:
+  """Keys of the module holding a weight: the path without the weight's own name ("kernel", "embedding")."""
+  return keys[:-1]
+
+
+def attach(base, lora_params, *, dropout_rng=None) -> Params:
+  """`base` with each targeted module's factors next to its weight: "lora_a" = A and "lora_b" = scale·B (the
+  scale folded into B, so no module needs to know it). With `dropout_rng`, each targeted module also gets
+  "lora_rng": one key per layer (raw key data, uint32)."""
+  params = jax.tree.map(lambda x: x, base, is_leaf=_is_weight)  # fresh dicts: the base is not modified
+  for keys, lw in _flat(lora_params):
+    module = _module_keys(keys)
+    node = params
+    for k in module:
+      node = node[k]
+    if keys[-1] not in node:
+      raise ValueError(f"lora: the delta tree has a path that is not a parameter of the base: {'/'.join(keys)}")
+    node["lora_a"], node["lora_b"] = lw.a, lw.scale * lw.b
+    if dropout_rng is not None:
+      nb = _split(lw, node[keys[-1]].ndim)[0]
+      key = jax.random.fold_in(dropout_rng, zlib.crc32("/".join(keys).encode()))
+      keys_per_layer = jax.random.split(key, lw.a.shape[:nb]) if nb else key
+      node["lora_rng"] = jax.random.key_data(keys_per_layer)
+  return params
+
+
+def _low_rank(dropout: float):
+  """The nn.intercept_methods interceptor: y + (drop(x)·A)·(s·B) for the modules holding "lora_a"/"lora_b"."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    module, method = context.module, context.method_name
+    y = next_fun(*args, **kwargs)
+    if method not in ("__call__", "attend") or not module.has_variable("params", "lora_a"):
+      return y
+    a, b = module.get_variable("params", "lora_a"), module.get_variable("params", "lora_b")
+    x = args[0]
+    if isinstance(module, nn.Embed):
+      if method == "__call__":   # rows of ΔW = s·A·B for the tokens: A's rows times B
+        low = jnp.take(a, x, axis=0).astype(y.dtype) @ b.astype(y.dtype)
+      else:                      # attend (tied logits): x·ΔWᵀ = s·(x·Bᵀ)·Aᵀ
+        low = (x.astype(y.dtype) @ b.T.astype(y.dtype)) @ a.T.astype(y.dtype)
+      return y + low.astype(y.dtype)
+    x = x.astype(y.dtype)
+    if dropout and module.has_variable("params", "lora_rng"):
+      key = jax.random.wrap_key_data(module.get_variable("params", "lora_rng"))
+      keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    ni = a.ndim - 1  # the input dims x contracts with (the layer axis is already sliced off by nn.scan)
+    low = jnp.tensordot(jnp.tensordot(x, a.astype(y.dtype), axes=ni), b.astype(y.dtype), axes=1)
+    return y + low.astype(y.dtype)
+
+  return interceptor
+
+
+def apply(fn, base, lora_params, *args, dropout: float = 0.0, rng=None, **kwargs):
+  """fn(params, *args, **kwargs) with params = base + delta on the unmerged path (see the module docstring):
+  each targeted module computes x·W + s·(drop(x)·A)·B. `fn` calls the model (model.forward) on its params; it
+  may also call it on other trees (a DPO reference): modules without factors run unchanged. Dropout needs `rng`
+  (a new key per step); without one, or with dropout 0, the path is deterministic."""
+  use_dropout = dropout > 0 and rng is not None
+  params = attach(base, lora_params, dropout_rng=rng if use_dropout else None)
+  with nn.intercept_methods(_low_rank(dropout if use_dropout else 0.0)):
+    return fn(params, *args, **kwargs)

@@ -90,22 +90,26 @@ def dpo(model_cfg: model_lib.ModelConfig, config) -> Objective:
 
 def with_lora(objective: Objective, model_cfg: model_lib.ModelConfig, config) -> Objective:
   """The same objective trained through a LoRA delta: trainable = the delta, frozen["base"] = the base weights
-  (float or int8), the model sees merge(base, delta). Under DPO the base itself is the reference: no copy."""
+  (float or int8). The model computes x·W + s·(drop(x)·A)·B (lora.apply; lora.dropout while training, with
+  frozen["rng"]), or with lora.merged sees merge(base, delta). Under DPO the base itself is the reference."""
   lc = config.lora
   base_axes = model_lib.logical_axes(model_cfg)
 
-  def through(fn):
+  def through(fn, train: bool):
     def wrapped(delta, batch, frozen):
       base = lora.dequantize(frozen["base"])
       inner = dict(frozen, reference=base) if config.stage == "dpo" else frozen
-      return fn(lora.merge(base, delta), batch, inner)
+      if lc.merged:
+        return fn(lora.merge(base, delta), batch, inner)
+      dropout = lc.dropout if train else 0.0
+      return lora.apply(fn, base, delta, batch, inner, dropout=dropout, rng=frozen.get("rng"))
     return wrapped
 
   def init_trainable(rng):
     return lora.init_boxed(model_lib.abstract_params(model_cfg), base_axes, rank=lc.rank, alpha=lc.alpha,
                            targets=lc.targets, rng=rng, rslora=lc.rslora)
 
-  return Objective(through(objective.loss_fn), through(objective.eval_fn), init_trainable)
+  return Objective(through(objective.loss_fn, True), through(objective.eval_fn, False), init_trainable)
 
 
 def make(model_cfg: model_lib.ModelConfig, config) -> Objective:

@@ -48,17 +48,20 @@ def init_state(rng, *, init_trainable, tx) -> TrainState:
                     skipped=jnp.zeros((), jnp.int32))
 
 
-def train_step(state: TrainState, batch, frozen, *, loss_fn, tx, lr_schedule, grad_accum: int):
+def train_step(state: TrainState, batch, frozen, *, loss_fn, tx, lr_schedule, grad_accum: int, seed: int = 0):
   """One optimizer step on `batch` ([batch_size, T] leaves), split into `grad_accum` micro-batches.
 
   Gradients are of the summed loss and divided by the summed weight of the whole batch, so accumulation and
   data parallelism give the same update as one big batch. A non-finite loss or gradient leaves params and
-  optimizer state unchanged (the loop then aborts or skips, per train.nan_policy).
+  optimizer state unchanged (the loop then aborts or skips, per train.nan_policy). The loss sees
+  frozen["rng"], a key of (seed, step, micro-batch) for dropout: a resumed run draws the same keys.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  step_rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
-  def sums(micro_batch):
-    (loss_sum, (weight, aux)), grads = grad_fn(state.params, micro_batch, frozen)
+  def sums(micro_batch, index=0):
+    frozen_and_rng = {**(frozen or {}), "rng": jax.random.fold_in(step_rng, index)}
+    (loss_sum, (weight, aux)), grads = grad_fn(state.params, micro_batch, frozen_and_rng)
     return loss_sum, weight, aux, grads
 
   if grad_accum == 1:
@@ -67,8 +70,8 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn, tx, lr_schedule, gr
     # Micro-batch a takes rows a, a+A, a+2A, ...: every micro-batch spans every data-parallel shard.
     micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, jax.tree.map(lambda x: x[0], micro)))
-    add = lambda acc, mb: (jax.tree.map(jnp.add, acc, sums(mb)), None)
-    (loss_sum, weight, aux, grads), _ = jax.lax.scan(add, zeros, micro)
+    add = lambda acc, mb_i: (jax.tree.map(jnp.add, acc, sums(*mb_i)), None)
+    (loss_sum, weight, aux, grads), _ = jax.lax.scan(add, zeros, (micro, jnp.arange(grad_accum)))
 
   weight = jnp.maximum(weight, 1e-8)
   grads = jax.tree.map(lambda g: g / weight, grads)
@@ -216,7 +219,7 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
 
   step_fn = sharding.with_rules(jax.jit(
       functools.partial(train_step, loss_fn=objective.loss_fn, tx=tx, lr_schedule=lr_schedule,
-                        grad_accum=t.grad_accum),
+                        grad_accum=t.grad_accum, seed=config.seed),
       in_shardings=(state_sharding, None, frozen_sharding), out_shardings=(state_sharding, None),
       donate_argnums=0), mesh, rules)
   eval_fn = sharding.with_rules(jax.jit(functools.partial(eval_step, eval_fn=objective.eval_fn),

@@ -177,6 +177,111 @@ def test_merged_forward_matches_a_numpy_merged_base(scan):
   assert np.abs(got - fwd(cfg, p, tokens)).max() > 1e-2  # the delta does change the model
 
 
+# ------------------------------------------------------------------------------------------ unmerged path
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _apply_fwd(cfg, base, delta, tokens, rng=None, dropout=0.0):
+  return lora.apply(lambda q: model_lib.forward(cfg, q, tokens), base, delta, dropout=dropout, rng=rng)
+
+
+@pytest.mark.parametrize("scan,tie", [(True, True), (False, False)])
+def test_unmerged_forward_matches_a_numpy_merged_base(scan, tie):
+  """x·W + s·(x·A)·B computed module by module (lora.apply) equals the model on W + s·A·B merged in numpy, for
+  every target kind: multi-head q/k/v/o, mlp, the embedding (its lookup and, tied, the logits) and lm_head."""
+  cfg, p, names = _cfg(scan, tie), _base(scan, tie), _names(scan, tie)
+  delta = _randomize(_shapes(p, "all"), 3)
+  by_hand = jax.tree_util.tree_map_with_path(
+      lambda k, w: w if lora.path_str(k) not in _deltas(delta) else
+      jnp.asarray(_np_merged(w, _deltas(delta)[lora.path_str(k)], names[lora.path_str(k)]), jnp.float32), p)
+  tokens = _tokens(4)
+  got = _apply_fwd(cfg, p, delta, tokens)
+  np.testing.assert_allclose(got, fwd(cfg, by_hand, tokens), rtol=1e-4, atol=1e-4)
+  assert np.abs(got - fwd(cfg, p, tokens)).max() > 1e-2
+
+
+def test_unmerged_gradients_equal_merged_and_skip_dW():
+  """The trainer's path: the same dL/dA, dL/dB as through merge, with a backward pass that never forms dL/dW
+  (XLA's FLOP count of the gradient is below the merged one by about the dW matmuls)."""
+  cfg, p = _cfg(), _base()
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (4, 65)), jnp.int32)
+  delta = _randomize(_shapes(p, "attention,mlp", rank=1), 6)  # rank 1: the low-rank products are thin
+
+  def loss(delta, base, unmerged):
+    run = lambda q: model_lib.forward(cfg, q, tokens[:, :-1])
+    logits = lora.apply(run, base, delta) if unmerged else run(lora.merge(base, delta))
+    return losses.next_token_loss(logits, tokens[:, 1:], jnp.ones_like(tokens[:, 1:]))
+
+  grads = {u: jax.jit(jax.grad(functools.partial(loss, unmerged=u))) for u in (True, False)}
+  g_unmerged, g_merged = (grads[u](delta, p) for u in (True, False))
+  for path, g in _deltas(g_merged).items():
+    for name in ("a", "b"):
+      want = np.asarray(getattr(g, name))
+      np.testing.assert_allclose(getattr(_deltas(g_unmerged)[path], name), want, rtol=1e-3,
+                                 atol=1e-4 * np.abs(want).max(), err_msg=f"{path} {name}")
+  # No matmul of the unmerged gradient has the shape of a targeted weight (of one layer): dL/dW is never formed.
+  # The merged gradient has them (the check can fail), and costs more FLOPs by XLA's count.
+  weight_shapes = {tuple(sorted(w.shape[1:])) for path, w in _leaves(p).items() if path in _deltas(delta)}
+  dots = {u: _dot_shapes(jax.make_jaxpr(jax.grad(functools.partial(loss, unmerged=u)))(delta, p).jaxpr)
+          for u in (True, False)}
+  assert not weight_shapes & dots[True], weight_shapes & dots[True]
+  assert weight_shapes <= dots[False]
+  flops = {u: grads[u].lower(delta, p).compile().cost_analysis()["flops"] for u in (True, False)}
+  assert flops[True] < flops[False], flops
+
+
+def _dot_shapes(jaxpr) -> set:
+  """Output shapes (dims sorted: any transposition) of every dot_general in a jaxpr and its sub-jaxprs (scan,
+  remat, pjit, ...)."""
+  shapes = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      shapes.add(tuple(sorted(eqn.outvars[0].aval.shape)))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          shapes |= _dot_shapes(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          shapes |= _dot_shapes(sub)
+  return shapes
+
+
+def test_lora_dropout():
+  cfg, p = _cfg(), _base()
+  tokens = _tokens(7)
+  delta = _randomize(_shapes(p, "attention,mlp"), 8)
+  plain = _apply_fwd(cfg, p, delta, tokens)
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(_apply_fwd(cfg, p, delta, tokens, key, 0.0), plain)  # dropout 0: no effect
+  dropped = _apply_fwd(cfg, p, delta, tokens, key, 0.5)
+  assert np.abs(dropped - plain).max() > 1e-2
+  np.testing.assert_array_equal(_apply_fwd(cfg, p, delta, tokens, key, 0.5), dropped)  # a key, a mask
+  assert np.abs(_apply_fwd(cfg, p, delta, tokens, jax.random.key(1), 0.5) - dropped).max() > 1e-3
+  # dropout acts on the A·B path only: with B = 0 the output is the base's, bit for bit
+  at_init = _randomize(_shapes(p, "attention,mlp"), 8, zero_b=True)
+  np.testing.assert_array_equal(_apply_fwd(cfg, p, at_init, tokens, key, 0.5), fwd(cfg, p, tokens))
+  # a key per module and per layer: the masks of layer 0 and 1 (same module) differ
+  params = lora.attach(p, delta, dropout_rng=key)
+  keys = np.asarray(params["layers"]["attn"]["q"]["lora_rng"])
+  assert keys.shape[0] == CFG.num_layers and np.any(keys[0] != keys[1])
+  assert np.any(keys != np.asarray(params["layers"]["attn"]["k"]["lora_rng"]))
+
+
+def test_lora_dropout_is_inverted_dropout_of_the_input():
+  """On one module (applied outside any model), the dropped low-rank term averaged over masks is the undropped
+  one: inverted dropout, x / keep where kept."""
+  base = {"proj": {"kernel": jnp.asarray(np.random.default_rng(0).standard_normal((6, 5)), jnp.float32)}}
+  delta = _randomize(lora.init(base, rank=3, alpha=3.0, targets="proj/kernel", rng=jax.random.key(0)), 9)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((4000, 6)), jnp.float32)
+  dense = lambda q: nn.Dense(5, use_bias=False, name="proj").apply({"params": q["proj"]}, x)
+  f = jax.jit(lambda rng: lora.apply(dense, base, delta, dropout=0.25, rng=rng))
+  lw = delta["proj"]["kernel"]
+  low = lambda xx: lw.scale * (np.asarray(xx, np.float64) @ np.asarray(lw.a, np.float64)) @ np.asarray(lw.b)
+  w = np.asarray(base["proj"]["kernel"], np.float64)
+  mean = np.mean([np.asarray(f(jax.random.key(i)), np.float64) - np.asarray(x) @ w for i in range(20)], axis=0)
+  np.testing.assert_allclose(mean.mean(0), low(x).mean(0), atol=0.05 * np.abs(low(x)).mean())
+
+
 # -------------------------------------------------------------------------------------------- gradients
 
 
