@@ -22,5 +22,8 @@ setup(
     extras_require={
         "test": ["pytest>=8"],
         "gpu": ["jax[cuda12]"],
+        # the reference implementation, for tests/test_hf.py's comparisons (skipped without it); jaxllm.hf
+        # itself reads and writes safetensors with numpy alone
+        "hf": ["torch>=2.1", "transformers>=4.45", "peft>=0.13"],
     },
 )

@@ -48,9 +48,11 @@ class Checkpointer:
 
 
 def resolve_run(path: str) -> tuple[str, int]:
-  """(run directory, step) of `init_from`: a run's workdir (its newest checkpoint) or one of its checkpoints
-  (`.../checkpoints/N`)."""
+  """(run directory, step) of `init_from`: a run's workdir (its newest checkpoint), one of its checkpoints
+  (`.../checkpoints/N`), or a Hugging Face model directory (step 0; see jaxllm/hf.py)."""
   path = os.path.abspath(path)
+  if _is_hf(path):
+    return path, 0
   if os.path.isdir(os.path.join(path, "checkpoints")):
     step = ocp.CheckpointManager(os.path.join(path, "checkpoints")).latest_step()
     if step is None:
@@ -59,12 +61,20 @@ def resolve_run(path: str) -> tuple[str, int]:
   parent, name = os.path.split(path)
   if os.path.basename(parent) == "checkpoints" and name.isdigit() and os.path.isdir(path):
     return os.path.dirname(parent), int(name)
-  raise FileNotFoundError(f"init_from: {path!r} is neither a run directory (with checkpoints/) nor a checkpoint "
-                          "directory (.../checkpoints/N)")
+  raise FileNotFoundError(f"init_from: {path!r} is neither a run directory (with checkpoints/), a checkpoint "
+                          "directory (.../checkpoints/N), nor a Hugging Face model directory (config.json)")
+
+
+def _is_hf(path: str) -> bool:
+  from jaxllm import hf
+  return hf.is_hf_dir(path)
 
 
 def identity(run_dir: str, step: int) -> str:
   """Names one checkpoint exactly: its run, step and commit time (a run retrained in place gets a new one)."""
+  if _is_hf(run_dir):
+    from jaxllm import hf
+    return hf.identity(run_dir)
   meta_path = os.path.join(run_dir, "checkpoints", str(step), "_CHECKPOINT_METADATA")
   committed = None
   if os.path.exists(meta_path):
@@ -75,9 +85,12 @@ def identity(run_dir: str, step: int) -> str:
 
 def load_params(run_dir: str, step: int):
   """The model params of a run's checkpoint, as host arrays (the caller places them on its mesh). A LoRA run's
-  checkpoint holds only its delta: it is put back on the run's own base (its init_from), recursively."""
-  manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"))
-  params = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+  checkpoint holds only its delta: it is put back on the run's own base (its init_from), recursively. A Hugging
+  Face directory's params are read from its safetensors."""
+  if _is_hf(run_dir):
+    from jaxllm import hf
+    return hf.load(run_dir)[1]
+  params = restore_params(run_dir, step)
   config_path = os.path.join(run_dir, "config.json")
   lora_config = json.load(open(config_path)).get("lora", {}) if os.path.exists(config_path) else {}
   if not lora_config.get("enabled"):
@@ -86,6 +99,12 @@ def load_params(run_dir: str, step: int):
   with open(config_path) as f:
     base_from = json.load(f)["init_from"]
   return lora.merge(load_params(*resolve_run(base_from)), lora.from_saved(params, lora_config))
+
+
+def restore_params(run_dir: str, step: int):
+  """The params as saved in a run's checkpoint (a LoRA run's: its delta, {"a", "b"} dicts), host arrays."""
+  manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"))
+  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
 
 
 def abstract_with_shardings(abstract_tree, shardings):

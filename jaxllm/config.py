@@ -69,13 +69,26 @@ def resolve_model(config, vocab_size: int) -> model_lib.ModelConfig:
 
 
 def model_from_run(config, run_dir: str) -> model_lib.ModelConfig:
-  """The ModelConfig of the run `init_from` names (its config.json), with this config's compute choices
-  (dtype, scan, remat). Shapes set in this config must agree with it."""
+  """The ModelConfig of the run `init_from` names (its config.json, or a Hugging Face config.json), with this
+  config's compute choices (dtype, scan, remat). Shapes set in this config must agree with it."""
   import json
   import os
 
+  from jaxllm import hf
+
   with open(os.path.join(run_dir, "config.json")) as f:
-    fields = json.load(f)["model"]
+    fields = json.load(f)
+  if hf.is_hf_dir(run_dir):
+    window = hf.sliding_window(fields)
+    _check(not window or config.train.seq_len <= window, "train.seq_len",
+           f"{config.train.seq_len} is longer than the sliding attention window ({window}) of {run_dir}; jaxllm "
+           "attends to the whole sequence, which is the same model only up to the window")
+    try:
+      fields = dataclasses.asdict(hf.model_config(fields, os.path.join(run_dir, "config.json")))
+    except ValueError as e:
+      raise ConfigError(f"init_from: {e}") from e
+  else:
+    fields = fields["model"]
   fields = {k: v for k, v in fields.items() if k in {f.name for f in dataclasses.fields(model_lib.ModelConfig)}}
   for key, value in model_overrides(config).items():
     if key in ("dtype", "scan_layers", "remat_policy"):

@@ -42,6 +42,7 @@ class ModelConfig:
   head_dim: int
   mlp_dim: int
   rope_theta: float = 10_000.0
+  rope_scaling: tuple = ()         # () = none; else sorted (key, value) pairs, rope_type linear | llama3 (as HF)
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   qkv_bias: bool = False           # Qwen2-style biases on q/k/v
@@ -50,6 +51,15 @@ class ModelConfig:
   remat_policy: str = "none"       # none | full | dots | dots_no_batch | save_attn_out
 
   def __post_init__(self):
+    # a dict or a JSON list of pairs -> sorted pairs: hashable, so the config stays a jit static argument
+    items = self.rope_scaling.items() if isinstance(self.rope_scaling, dict) else self.rope_scaling
+    object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), v) for k, v in items)))
+    if self.rope_scaling:
+      kind = dict(self.rope_scaling).get("rope_type")
+      if kind not in ROPE_SCALINGS:
+        raise ValueError(f"model.rope_scaling: rope_type {kind!r} is not one of {ROPE_SCALINGS}")
+      if missing := [k for k in ROPE_SCALING_KEYS[kind] if k not in dict(self.rope_scaling)]:
+        raise ValueError(f"model.rope_scaling: {kind} needs {missing}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of "
                        f"model.num_kv_heads={self.num_kv_heads}")
@@ -90,6 +100,11 @@ def model_config(size: str, **overrides) -> ModelConfig:
   return ModelConfig(**fields)
 
 
+# RoPE frequency scalings (Hugging Face's rope_type) and the keys each one reads.
+ROPE_SCALINGS = ("linear", "llama3")
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -119,10 +134,30 @@ class RMSNorm(nn.Module):
     return (x * scale_D).astype(self.dtype)
 
 
-def rope(x_BxTxNxE, positions_BxT, theta: float):
+def rope_frequencies(e: int, theta: float, scaling: tuple = ()):
+  """The E/2 inverse frequencies of RoPE, float32, with an optional scaling (ModelConfig.rope_scaling):
+  linear divides them all by `factor`; llama3 (Llama 3.1) divides the low ones by `factor`, keeps the high ones
+  and interpolates between, as Hugging Face's `_compute_llama3_parameters`."""
+  inv_freq_E2 = 1.0 / theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e)
+  s = dict(scaling)
+  if s.get("rope_type") == "linear":
+    return inv_freq_E2 / s["factor"]
+  if s.get("rope_type") == "llama3":
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen_E2 = 2 * math.pi / inv_freq_E2
+    scaled_E2 = jnp.where(wavelen_E2 > old_len / low, inv_freq_E2 / factor, inv_freq_E2)
+    smooth_E2 = (old_len / wavelen_E2 - low) / (high - low)
+    smoothed_E2 = (1 - smooth_E2) * scaled_E2 / factor + smooth_E2 * scaled_E2
+    medium_E2 = ~(wavelen_E2 < old_len / high) & ~(wavelen_E2 > old_len / low)
+    return jnp.where(medium_E2, smoothed_E2, scaled_E2)
+  return inv_freq_E2
+
+
+def rope(x_BxTxNxE, positions_BxT, theta: float, scaling: tuple = ()):
   """Rotary embedding, rotate-half convention (as Llama / Hugging Face), computed in float32."""
   e = x_BxTxNxE.shape[-1]
-  inv_freq_E2 = 1.0 / theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e)
+  inv_freq_E2 = rope_frequencies(e, theta, scaling)
   angle_BxTxE2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_E2
   sin, cos = jnp.sin(angle_BxTxE2)[:, :, None, :], jnp.cos(angle_BxTxE2)[:, :, None, :]
   x = x_BxTxNxE.astype(jnp.float32)
@@ -199,8 +234,8 @@ class Attention(nn.Module):
     proj_kv = functools.partial(Projection, "btd,dke->btke", (d, k, e), ("embed", "kv_heads", "head_dim"), d, dt,
                                 bias)
     k_BxSxKxE, v_BxSxKxE = proj_kv(name="k")(x_BxTxD), proj_kv(name="v")(x_BxTxD)
-    q_BxTxHxE = rope(q_BxTxHxE, positions_BxT, c.rope_theta)
-    k_BxSxKxE = rope(k_BxSxKxE, positions_BxT, c.rope_theta)
+    q_BxTxHxE = rope(q_BxTxHxE, positions_BxT, c.rope_theta, c.rope_scaling)
+    k_BxSxKxE = rope(k_BxSxKxE, positions_BxT, c.rope_theta, c.rope_scaling)
 
     b, t = q_BxTxHxE.shape[:2]
     q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)

@@ -46,7 +46,10 @@ def prepare_tokenizer(config, workdir: str, train_source, init_from_dir: str | N
   path = config.data.tokenizer.path
   if path and not os.path.exists(path):
     raise ConfigError(f"data.tokenizer.path: no file {path!r}")
-  parent = os.path.join(init_from_dir, "tokenizer.model") if init_from_dir else None
+  parent = None
+  if init_from_dir:  # a run's tokenizer.model, or a Hugging Face directory's (checked: present, fits the embedding)
+    from jaxllm import hf
+    parent = hf.tokenizer_file(init_from_dir)
   if os.path.exists(saved):
     tok = Tokenizer.from_file(saved)
     source = None
