@@ -27,6 +27,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.data.validation_fraction = 0.02       # held-out share, chosen deterministically by file (or document)
   c.data.num_shards = 0                   # data shards, each giving batch/num_shards rows (0 = one per process);
                                           # fix it to get the same batches on any number of processes
+  c.data.on_bad_record = "error"          # error: stop at the first bad line (file:line) | skip: skip, count
+  c.data.max_bad_fraction = 0.01          # skip: fail if more than this share of the records is bad
   c.data.tokenizer = ml_collections.ConfigDict()
   c.data.tokenizer.path = ""              # a sentencepiece .model; "" = train one on the corpus
   c.data.tokenizer.vocab_size = 2048      # when training one
@@ -45,6 +47,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200          # steps between checkpoints (and at the end)
   c.train.keep_checkpoints = 3            # newest checkpoints kept
   c.train.nan_policy = "abort"            # abort: stop with a message | skip: drop the update, count it
+  c.train.spike_k = 0.0                   # > 0: skip a step whose loss > mean + k·std of the last applied ones
+  c.train.spike_window = 32               # steps in that window (spike skipping starts once it is full)
   c.train.num_samples = 3                 # samples printed at the end
   c.train.sample_tokens = 64              # new tokens per sample
   c.train.sample_prompts = ("import", "class", "def")  # prompts of the samples printed at the end

@@ -123,6 +123,8 @@ def validate(config, num_devices: int | None = None):
   _check(t.keep_checkpoints > 0, "train.keep_checkpoints", f"must be > 0, got {t.keep_checkpoints}")
   _check(t.nan_policy in NAN_POLICIES, "train.nan_policy", f"{t.nan_policy!r} is not one of {NAN_POLICIES}")
   _check(t.z_loss >= 0, "train.z_loss", f"must be >= 0, got {t.z_loss}")
+  _check(t.spike_k >= 0, "train.spike_k", f"must be >= 0 (0 = off), got {t.spike_k}")
+  _check(t.spike_window >= 2, "train.spike_window", f"must be >= 2, got {t.spike_window}")
   o = c.optimizer
   _check(o.learning_rate > 0, "optimizer.learning_rate", f"must be > 0, got {o.learning_rate}")
   _check(o.schedule in SCHEDULES, "optimizer.schedule", f"{o.schedule!r} is not one of {SCHEDULES}")
@@ -133,6 +135,9 @@ def validate(config, num_devices: int | None = None):
   _check(o.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
   _check(c.data.tokenizer.path or c.data.tokenizer.vocab_size >= 260, "data.tokenizer.vocab_size",
          f"{c.data.tokenizer.vocab_size} is too small for byte fallback (needs >= 260)")
+  _check(c.data.on_bad_record in ("error", "skip"), "data.on_bad_record",
+         f"{c.data.on_bad_record!r} is not one of ('error', 'skip')")
+  _check(0 <= c.data.max_bad_fraction <= 1, "data.max_bad_fraction", f"{c.data.max_bad_fraction} must be in [0, 1]")
   _check(0 < c.data.validation_fraction < 1, "data.validation_fraction",
          f"{c.data.validation_fraction} must be in (0, 1)")
   if c.init_from:
@@ -142,6 +147,9 @@ def validate(config, num_devices: int | None = None):
     _check(bool(c.init_from), "lora.enabled", "a LoRA delta needs a base: set init_from to a trained run")
     _check(c.lora.rank > 0, "lora.rank", f"must be > 0, got {c.lora.rank}")
     _check(c.lora.alpha > 0, "lora.alpha", f"must be > 0, got {c.lora.alpha}")
+    _check(0 <= c.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {c.lora.dropout}")
+    _check(not (c.lora.merged and c.lora.dropout), "lora.dropout",
+           "dropout acts on the A·B path's input, which lora.merged=True does not compute; set lora.merged=False")
     from jaxllm import lora
     try:
       lora.resolve_targets(c.lora.targets)

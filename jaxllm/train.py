@@ -30,7 +30,7 @@ from jaxllm import checkpoint as ckpt_lib
 from jaxllm import distributed
 from jaxllm import config as config_lib
 from jaxllm import generate, lora, metrics as metrics_lib, model as model_lib, objectives, optim, reference, sharding
-from jaxllm.data import chat, loaders
+from jaxllm.data import chat, loaders, sources
 
 
 @struct.dataclass
@@ -39,22 +39,29 @@ class TrainState:
   params: Any           # the trainable tree
   opt_state: Any
   skipped: jax.Array    # steps whose update was dropped for a non-finite loss or gradient
+  spikes: jax.Array     # steps whose update was dropped for a loss spike (train.spike_k)
+  recent_losses: jax.Array  # [train.spike_window] losses of the last applied steps (a ring), for spike detection
+  applied: jax.Array    # steps whose update was applied (the ring's write position)
 
 
-def init_state(rng, *, init_trainable, tx) -> TrainState:
+def init_state(rng, *, init_trainable, tx, spike_window: int = 32) -> TrainState:
   """Boxed (logically partitioned) state: eval_shape of this gives the shardings, unboxing gives the state."""
   params = init_trainable(rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    skipped=jnp.zeros((), jnp.int32))
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero, spikes=zero,
+                    recent_losses=jnp.zeros((spike_window,), jnp.float32), applied=zero)
 
 
-def train_step(state: TrainState, batch, frozen, *, loss_fn, tx, lr_schedule, grad_accum: int, seed: int = 0):
+def train_step(state: TrainState, batch, frozen, *, loss_fn, tx, lr_schedule, grad_accum: int, seed: int = 0,
+               spike_k: float = 0.0):
   """One optimizer step on `batch` ([batch_size, T] leaves), split into `grad_accum` micro-batches.
 
   Gradients are of the summed loss and divided by the summed weight of the whole batch, so accumulation and
   data parallelism give the same update as one big batch. A non-finite loss or gradient leaves params and
-  optimizer state unchanged (the loop then aborts or skips, per train.nan_policy). The loss sees
-  frozen["rng"], a key of (seed, step, micro-batch) for dropout: a resumed run draws the same keys.
+  optimizer state unchanged (the loop then aborts or skips, per train.nan_policy). With spike_k > 0, so does a
+  loss above mean + spike_k·std of the last applied steps' losses (once the window is full): counted in
+  `spikes`. The loss sees frozen["rng"], a key of (seed, step, micro-batch) for dropout: a resumed run draws
+  the same keys.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   step_rng = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -80,11 +87,19 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn, tx, lr_schedule, gr
   params = optax.apply_updates(state.params, updates)
 
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  window = state.recent_losses.shape[0]
+  threshold = jnp.mean(state.recent_losses) + spike_k * jnp.std(state.recent_losses)
+  spike = finite & (spike_k > 0) & (state.applied >= window) & (loss > threshold)
+  apply = finite & ~spike
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+  recent = jnp.where(apply, state.recent_losses.at[state.applied % window].set(loss), state.recent_losses)
   new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + (~finite))
+                         opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + (~finite),
+                         spikes=state.spikes + spike, recent_losses=recent, applied=state.applied + apply)
   metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step),
              "finite": finite, "skipped_steps": new_state.skipped, **{k: v / weight for k, v in aux.items()}}
+  if spike_k > 0:
+    metrics.update(spike=spike, spike_steps=new_state.spikes)
   return new_state, metrics
 
 
@@ -143,7 +158,12 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   start_step = checkpointer.latest_step()
   source_run = ckpt_lib.resolve_run(config.init_from) if config.init_from else None  # (run dir, step)
-  train_source, val_source = loaders.load_sources(config)
+  bad_records = sources.BadRecords()  # data.on_bad_record="skip": what was skipped, per category
+  train_source, val_source = loaders.load_sources(config, bad_records)
+  if bad_records.bad:
+    _log(f"data: skipped {len(bad_records.bad)} bad records {bad_records.counts()} "
+         f"(data.on_bad_record=skip), e.g. " + "; ".join(f"{p}:{line}: {m}" for (p, line), (_, m) in
+                                                      list(bad_records.bad.items())[:3]))
   tokenizer = loaders.prepare_tokenizer(config, workdir, train_source, source_run and source_run[0])
   if source_run:
     model_cfg = config_lib.model_from_run(config, source_run[0])
@@ -158,7 +178,8 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   objective = objectives.make(model_cfg, config)
   tx = optim.optimizer(config.optimizer, t.steps)
   lr_schedule = optim.schedule(config.optimizer, t.steps)
-  init_boxed = functools.partial(init_state, init_trainable=objective.init_trainable, tx=tx)
+  init_boxed = functools.partial(init_state, init_trainable=objective.init_trainable, tx=tx,
+                                 spike_window=t.spike_window)
   rng = jax.random.key(config.seed)
   abstract_boxed = jax.eval_shape(init_boxed, rng)
   state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
@@ -219,7 +240,7 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
 
   step_fn = sharding.with_rules(jax.jit(
       functools.partial(train_step, loss_fn=objective.loss_fn, tx=tx, lr_schedule=lr_schedule,
-                        grad_accum=t.grad_accum, seed=config.seed),
+                        grad_accum=t.grad_accum, seed=config.seed, spike_k=t.spike_k),
       in_shardings=(state_sharding, None, frozen_sharding), out_shardings=(state_sharding, None),
       donate_argnums=0), mesh, rules)
   eval_fn = sharding.with_rules(jax.jit(functools.partial(eval_step, eval_fn=objective.eval_fn),
@@ -258,14 +279,19 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
       raise FloatingPointError(f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step "
                                f"{step}; the update was not applied, and checkpoint {int(state.step)} holds the "
                                f"last good state (train.nan_policy=skip would skip such steps)")
+    if m.get("spike"):
+      _log(f"step {step}: loss {float(m['loss']):.4f} is above mean + {t.spike_k}·std of the last "
+           f"{t.spike_window} steps: update skipped ({int(m['spike_steps'])} so far)")
     if step % t.log_every == 0 or step == t.steps:
       elapsed = now - window[0]
       tps = tokens_per_step * window[1] / elapsed if window[1] and elapsed > 0 else 0.0
-      row = {k: float(v) for k, v in m.items() if k != "finite"}
+      row = {k: float(v) for k, v in m.items() if k not in ("finite", "spike")}
       row.update(tokens_per_sec=tps, mfu=tps * flops_per_token / peak)
       if data_stats:
         row.update({"data/truncated": sum(s.truncated for s in data_stats),
                     "data/dropped": sum(s.dropped for s in data_stats)})
+      if config.data.on_bad_record == "skip":
+        row.update({f"data/bad_{k}": v for k, v in bad_records.counts().items()})
       writer.write(step, row)
       _log(progress.line(step, row))
       last = row

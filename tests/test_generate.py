@@ -193,8 +193,8 @@ def workdir(corpus_dir, tmp_path_factory):
   checkpointer = ckpt_lib.Checkpointer(str(wd / "checkpoints"), keep=2, async_save=False)
   for step in (1, 2):
     params = random_params(model_cfg, step)
-    checkpointer.save(step, train.TrainState(step=jnp.int32(step), params=params, opt_state=optax.adamw(1e-3).init(
-        params), skipped=jnp.int32(0)), meta={"tokenizer_sha256": tokenizer.sha256})
+    state = train.init_state(None, init_trainable=lambda _: params, tx=optax.adamw(1e-3))
+    checkpointer.save(step, state.replace(step=jnp.int32(step)), meta={"tokenizer_sha256": tokenizer.sha256})
   checkpointer.close()
   return str(wd)
 

@@ -6,7 +6,9 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -95,6 +97,43 @@ def test_non_finite_loss_aborts_and_keeps_last_good_state(corpus_dir, tmp_path):
     train.run(cfg, workdir)
   params = _final_params(workdir)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_loss_spikes_are_skipped_against_a_numpy_threshold():
+  """A toy regression through the real step: a step whose loss exceeds mean + k·std of the last W applied
+  losses (numpy, from the metrics) leaves params and optimizer state unchanged and counts a spike; the others
+  apply; non-finite steps count as skipped, not as spikes; nothing is skipped before the window is full."""
+  k, window = 3.0, 4
+  tx = optax.sgd(0.05)
+  loss_fn = lambda w, batch, frozen: (jnp.sum((batch["x"] @ w["w"] - batch["y"]) ** 2), (batch["x"].shape[0], {}))
+  init = lambda r: train.init_state(r, init_trainable=lambda _: {"w": jnp.zeros((3,))}, tx=tx, spike_window=window)
+  state = jax.jit(init)(jax.random.key(0))
+  step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, tx=tx, lr_schedule=lambda s: 0.05,
+                                   grad_accum=1, spike_k=k))
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((16, 8, 3)).astype(np.float32)
+  y = x @ np.array([1.0, -2.0, 0.5], np.float32)
+  y[2] += 50.0    # a spike before the window is full: applied
+  y[9] += 50.0    # spikes after it: skipped
+  y[12] += 50.0
+  y[14] = np.nan  # non-finite: skipped, counted apart
+  applied_losses, spikes = [], 0
+  for i in range(16):
+    before = state
+    state, m = step(state, {"x": x[i], "y": y[i]}, None)
+    loss = float(m["loss"])
+    recent = np.array(applied_losses[-window:])
+    want_spike = len(applied_losses) >= window and np.isfinite(loss) and loss > recent.mean() + k * recent.std()
+    assert bool(m["spike"]) == want_spike, (i, loss, recent)
+    spikes += want_spike
+    if want_spike or not np.isfinite(loss):
+      jax.tree.map(np.testing.assert_array_equal, state.params, before.params)
+      jax.tree.map(np.testing.assert_array_equal, state.opt_state, before.opt_state)
+    else:
+      applied_losses.append(loss)
+      assert np.any(np.asarray(state.params["w"]) != np.asarray(before.params["w"]))
+  assert spikes == 2 and int(state.spikes) == 2 and int(m["spike_steps"]) == 2 and int(state.skipped) == 1
+  assert int(state.applied) == 13
 
 
 def test_gradient_accumulation_equals_one_big_batch(corpus_dir):

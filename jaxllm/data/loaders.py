@@ -17,17 +17,25 @@ from jaxllm.data import chat, pipeline, preference, sft, sources
 from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
 
 
-def load_sources(config):
-  """(train, validation): documents for pretraining, conversations for SFT, preference pairs for DPO."""
+def load_sources(config, bad: sources.BadRecords | None = None):
+  """(train, validation): documents for pretraining, conversations for SFT, preference pairs for DPO. With
+  data.on_bad_record="skip", bad lines are skipped and counted in `bad` (pass one), and more than
+  data.max_bad_fraction of them is an error; with "error" the first bad line stops the run (file and line)."""
   d = config.data
+  lenient = d.on_bad_record == "skip"
+  if lenient and bad is None:
+    bad = sources.BadRecords()
+  kw = dict(validation_fraction=d.validation_fraction, bad=bad if lenient else None)
   if config.stage == "pretrain":
-    load = lambda split: sources.documents(d.sources, split, validation_fraction=d.validation_fraction)
+    load = lambda split: sources.documents(d.sources, split, **kw)
   elif config.stage == "sft":
-    load = lambda split: sft.conversations(d.sources, split, validation_fraction=d.validation_fraction)
+    load = lambda split: sft.conversations(d.sources, split, **kw)
   else:
-    load = lambda split: preference.pairs(d.sources, split, validation_fraction=d.validation_fraction,
-                                          seed=config.seed, hard_fraction=d.hard_fraction)
-  return load("train"), load("validation")
+    load = lambda split: preference.pairs(d.sources, split, seed=config.seed, hard_fraction=d.hard_fraction, **kw)
+  out = load("train"), load("validation")
+  if lenient:
+    bad.check(d.max_bad_fraction)
+  return out
 
 
 def _texts(config, source):

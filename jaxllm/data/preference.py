@@ -54,9 +54,10 @@ FEATURES = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def pairs(spec: str, split: str, *, validation_fraction: float = 0.1, seed: int = 0,
-          hard_fraction: float = 0.5) -> Sequence[dict]:
+          hard_fraction: float = 0.5, bad: sources.BadRecords | None = None) -> Sequence[dict]:
   """The preference pairs of `split` ("train" or "validation") described by `spec` (see module doc).
-  `seed` and `hard_fraction` only shape the chatterbot pairs."""
+  `seed` and `hard_fraction` only shape the chatterbot pairs; bad JSONL lines raise DataError, or with `bad`
+  are skipped and counted."""
   if not 0.0 <= hard_fraction <= 1.0:
     raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
   if spec == sft.CHATTERBOT or spec.startswith(sft.CHATTERBOT + ":"):
@@ -64,7 +65,7 @@ def pairs(spec: str, split: str, *, validation_fraction: float = 0.1, seed: int 
                             hard_fraction=hard_fraction)
   if split not in ("train", "validation"):
     raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
-  source = sources.jsonl_records(spec, _to_pair, what="pairs")
+  source = sources.jsonl_records(spec, _to_pair, what="pairs", bad=bad)
   keys = source.split_keys()
   in_validation = np.array([sft._bucket(k) for k in keys]) < validation_fraction * 10_000
   keep = np.flatnonzero(in_validation if split == "validation" else ~in_validation)
@@ -183,6 +184,8 @@ def _to_pair(record) -> dict:
       answer = answer[0].get("content")
     if not isinstance(answer, str):
       raise ValueError(f"{field!r} must be a string or a list of one assistant message")
+    if not answer.strip():
+      raise sources.EmptyRecord(f"empty {field!r}")
     out[field] = answer
   return out
 

@@ -42,8 +42,10 @@ OVERLONG_POLICIES = ("truncate", "drop")
 # ------------------------------------------------------------------------------------------ sources
 
 
-def conversations(spec: str, split: str, *, validation_fraction: float = 0.1) -> Sequence[list[dict]]:
-  """The conversations of `split` ("train" or "validation") described by `spec` (see module doc)."""
+def conversations(spec: str, split: str, *, validation_fraction: float = 0.1,
+                  bad: sources.BadRecords | None = None) -> Sequence[list[dict]]:
+  """The conversations of `split` ("train" or "validation") described by `spec` (see module doc); bad JSONL
+  lines raise DataError, or with `bad` are skipped and counted."""
   if split not in ("train", "validation"):
     raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
   if spec == CHATTERBOT or spec.startswith(CHATTERBOT + ":"):
@@ -52,7 +54,7 @@ def conversations(spec: str, split: str, *, validation_fraction: float = 0.1) ->
     keys = [json.dumps(c, ensure_ascii=False) for c in convs]
     source = convs
   else:
-    source = sources.jsonl_records(spec, _to_messages, what="conversations")
+    source = sources.jsonl_records(spec, _to_messages, what="conversations", bad=bad)
     keys = source.split_keys()
   in_validation = np.array([_bucket(k) for k in keys]) < validation_fraction * 10_000
   keep = np.flatnonzero(in_validation if split == "validation" else ~in_validation)
@@ -124,11 +126,15 @@ def _to_messages(record) -> list[dict]:
     chat.check_messages(messages)
     if not any(m["role"] == "assistant" for m in messages):
       raise ValueError("no assistant message (nothing to learn)")
+    if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+      raise sources.EmptyRecord("every assistant message is empty")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
   if "prompt" in record or "response" in record:
     for field in ("prompt", "response"):
       if not isinstance(record.get(field), str):
         raise ValueError(f"no string {field!r} field")
+    if not record["response"].strip():
+      raise sources.EmptyRecord("empty 'response'")
     return chat.from_pair(record["prompt"], record["response"])
   raise ValueError("expected a 'messages' list or 'prompt' and 'response' strings")
 

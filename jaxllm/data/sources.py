@@ -32,6 +32,47 @@ class DataError(ValueError):
   """A problem with the input data: names the file (and 1-based line) at fault."""
 
 
+class EmptyRecord(ValueError):
+  """A well-formed record with nothing to learn from (an empty text, answer or reply)."""
+
+
+BAD_CATEGORIES = ("invalid_utf8", "malformed_json", "missing_field", "empty")
+
+
+class BadRecords:
+  """Lenient reading (data.on_bad_record="skip"): a bad line is skipped and remembered here by category
+  (BAD_CATEGORIES) instead of stopping the run. Strict reading passes no BadRecords: the first bad line raises
+  DataError with its file and line. Lines are keyed by (file, line), so reading both splits counts each once."""
+
+  def __init__(self):
+    self.bad: dict[tuple[str, int], tuple[str, str]] = {}  # (path, line) -> (category, message)
+    self.lines: dict[str, int] = {}                          # path -> records read (good and bad)
+
+  def add(self, path: str, line: int, category: str, message: str):
+    assert category in BAD_CATEGORIES, category
+    self.bad[(path, line)] = (category, message)
+
+  def counts(self) -> dict[str, int]:
+    out = dict.fromkeys(BAD_CATEGORIES, 0)
+    for category, _ in self.bad.values():
+      out[category] += 1
+    return out
+
+  def check(self, max_fraction: float):
+    """Raises DataError when more than `max_fraction` of the records read are bad (data.max_bad_fraction)."""
+    total = sum(self.lines.values())
+    if total and len(self.bad) > max_fraction * total:
+      examples = "\n".join(f"  {p}:{line}: {c}: {m}" for (p, line), (c, m) in list(self.bad.items())[:5])
+      raise DataError(f"{len(self.bad)} of {total} records are bad ({self.counts()}), more than "
+                      f"data.max_bad_fraction={max_fraction}; the first:\n{examples}")
+
+
+def _fail_or_skip(bad: BadRecords | None, path: str, line: int, category: str, message: str):
+  if bad is None:
+    raise DataError(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+  bad.add(path, line, category, message)
+
+
 class FileDocuments(Sequence):
   """Documents stored in files: document i is file `paths[file_ids[i]]` at byte `offsets[i]`.
 
@@ -59,14 +100,16 @@ class FileDocuments(Sequence):
       return json.loads(f.readline())["text"]
 
 
-def documents(spec: str, split: str, *, validation_fraction: float = 0.02) -> FileDocuments:
-  """The documents of `split` ("train" or "validation") described by `spec` (see module doc)."""
+def documents(spec: str, split: str, *, validation_fraction: float = 0.02, bad: BadRecords | None = None
+              ) -> FileDocuments:
+  """The documents of `split` ("train" or "validation") described by `spec` (see module doc). Bad lines or
+  files raise DataError, or with `bad` are skipped and counted there."""
   if split not in ("train", "validation"):
     raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
   if spec == "stdlib":
     paths, file_ids, offsets, buckets = _index_stdlib()
   else:
-    paths, file_ids, offsets, buckets = _index_globs(spec)
+    paths, file_ids, offsets, buckets = _index_globs(spec, bad)
   in_validation = buckets < validation_fraction * 10_000
   keep = in_validation if split == "validation" else ~in_validation
   if not keep.any():
@@ -145,20 +188,22 @@ class JsonlRecords(Sequence):
                         self.convert)
 
 
-def jsonl_records(spec: str, convert, *, what: str) -> JsonlRecords:
+def jsonl_records(spec: str, convert, *, what: str, bad: BadRecords | None = None) -> JsonlRecords:
   """Every non-blank line of the .jsonl files of `spec`, each validated now by `convert` (a ValueError becomes
-  a DataError naming the file and line); `what` names the records in errors ("conversations")."""
+  a DataError naming the file and line, or with `bad` is skipped and counted: EmptyRecord as "empty", any other
+  as "missing_field"); `what` names the records in errors ("conversations")."""
   file_ids, offsets, line_numbers = array.array("i"), array.array("q"), array.array("q")
   paths = match_globs(spec)
   for file_id, path in enumerate(paths):
     if not path.endswith(JSONL_SUFFIXES):
       raise DataError(f"{path}: unsupported file type ({what} are read from .jsonl files)")
     count = len(offsets)
-    for offset, line_number, record in _jsonl_lines(path):
+    for offset, line_number, record in _jsonl_lines(path, bad):
       try:
         convert(record)
       except ValueError as e:
-        raise DataError(f"{path}:{line_number}: {e}") from None
+        _fail_or_skip(bad, path, line_number, "empty" if isinstance(e, EmptyRecord) else "missing_field", str(e))
+        continue
       file_ids.append(file_id)
       offsets.append(offset)
       line_numbers.append(line_number)
@@ -167,29 +212,37 @@ def jsonl_records(spec: str, convert, *, what: str) -> JsonlRecords:
   return JsonlRecords(paths, file_ids, offsets, line_numbers, convert)
 
 
-def _jsonl_lines(path: str):
-  """(byte offset, 1-based line number, parsed JSON) of each non-blank line; invalid JSON is an error."""
-  offset = 0
+def _jsonl_lines(path: str, bad: BadRecords | None = None):
+  """(byte offset, 1-based line number, parsed JSON) of each non-blank line. A line that is not UTF-8 or not
+  JSON raises DataError, or with `bad` is skipped and counted."""
+  offset, read = 0, 0
   with open(path, "rb") as f:
     for line_number, line in enumerate(f, 1):
       if line.strip():
+        read += 1
         try:
-          record = json.loads(line)
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-          raise DataError(f"{path}:{line_number}: invalid JSON ({e})") from None
-        yield offset, line_number, record
+          text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+          _fail_or_skip(bad, path, line_number, "invalid_utf8", f"not valid UTF-8 ({e})")
+        else:
+          try:
+            yield offset, line_number, json.loads(text)
+          except ValueError as e:
+            _fail_or_skip(bad, path, line_number, "malformed_json", f"invalid JSON ({e})")
       offset += len(line)
+  if bad is not None:
+    bad.lines[path] = read
 
 
-def _index_globs(spec: str):
+def _index_globs(spec: str, bad: BadRecords | None = None):
   """Documents of the files matched by the comma-separated globs in `spec`."""
   paths = match_globs(spec)
   file_ids, offsets, buckets = array.array("i"), array.array("q"), array.array("i")
   for file_id, path in enumerate(paths):
     if path.endswith(JSONL_SUFFIXES):
-      entries = _index_jsonl(path)
+      entries = list(_index_jsonl(path, bad))
     elif path.endswith(TEXT_SUFFIXES):
-      entries = [(WHOLE_FILE, 0)] if _check_text_file(path) else []
+      entries = [(WHOLE_FILE, 0)] if _check_text_file(path, bad) else []
     else:
       raise DataError(f"{path}: unsupported file type (use {TEXT_SUFFIXES + JSONL_SUFFIXES})")
     count = len(offsets)
@@ -197,8 +250,10 @@ def _index_globs(spec: str):
       file_ids.append(file_id)
       offsets.append(offset)
       buckets.append(_bucket(f"{os.path.basename(path)}:{line_number}"))  # same split wherever the corpus lives
-    if len(offsets) == count:
+    if len(offsets) == count and bad is None:
       raise DataError(f"{path}: empty file (no documents)")
+  if not len(offsets):
+    raise DataError(f"{spec!r}: no usable documents in {len(paths)} files (bad ones: {bad and bad.counts()})")
   return paths, *(np.frombuffer(a, np.dtype(a.typecode)) for a in (file_ids, offsets, buckets))
 
 
@@ -207,20 +262,29 @@ def _bucket(key: str) -> int:
   return zlib.crc32(key.encode()) % 10_000
 
 
-def _check_text_file(path: str) -> bool:
-  """True if the file is non-empty; raises DataError if it is not valid utf-8."""
+def _check_text_file(path: str, bad: BadRecords | None = None) -> bool:
+  """True if the file is a usable document: utf-8 (else DataError, or with `bad` counted) and not blank."""
   with open(path, "rb") as f:
     data = f.read()
+  if bad is not None:
+    bad.lines[path] = 1
   try:
-    data.decode("utf-8")
+    text = data.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise DataError(f"{path}: not valid utf-8 ({e})") from None
-  return len(data) > 0
+    _fail_or_skip(bad, path, 0, "invalid_utf8", f"not valid utf-8 ({e})")
+    return False
+  if bad is not None and not text.strip():
+    bad.add(path, 0, "empty", "blank file")
+  return bool(text.strip()) if bad is not None else len(data) > 0
 
 
-def _index_jsonl(path: str) -> Iterator[tuple[int, int]]:
-  """Yields (byte offset, 1-based line number) of each non-blank line, validated strictly."""
-  for offset, line_number, record in _jsonl_lines(path):
+def _index_jsonl(path: str, bad: BadRecords | None = None) -> Iterator[tuple[int, int]]:
+  """Yields (byte offset, 1-based line number) of each usable line: a JSON object with a non-blank string "text".
+  Others raise DataError, or with `bad` are skipped and counted."""
+  for offset, line_number, record in _jsonl_lines(path, bad):
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-      raise DataError(f"{path}:{line_number}: no string 'text' field")
-    yield offset, line_number
+      _fail_or_skip(bad, path, line_number, "missing_field", "no string 'text' field")
+    elif not record["text"].strip():
+      _fail_or_skip(bad, path, line_number, "empty", "empty 'text' (an empty document)")
+    else:
+      yield offset, line_number
