@@ -73,6 +73,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.lora.rslora = False                   # scale alpha/sqrt(rank) instead of alpha/rank
   c.lora.quantize_base = False            # hold the frozen base as int8 with per-channel scales (QLoRA-style)
   c.lora.dropout = 0.0                    # dropout on the input of the A·B path while training (unmerged path)
+  c.lora.continue_delta = False           # init_from a LoRA run: train its delta further on its base (else a
+                                          # new delta on its merged model)
   c.lora.merged = False                   # compute with merge(W, ΔW) instead of x·W + s·(x·A)·B (slower backward)
 
   c.mesh = ml_collections.ConfigDict()

@@ -96,9 +96,16 @@ def load_params(run_dir: str, step: int):
   if not lora_config.get("enabled"):
     return params
   from jaxllm import lora
-  with open(config_path) as f:
-    base_from = json.load(f)["init_from"]
-  return lora.merge(load_params(*resolve_run(base_from)), lora.from_saved(params, lora_config))
+  return lora.merge(load_params(*lora_base(run_dir)), lora.from_saved(params, lora_config))
+
+
+def lora_base(run_dir: str) -> tuple[str, int]:
+  """(run directory, step) of the params a LoRA run's delta applies to: its init_from, or, when it continued
+  the delta of another LoRA run (lora.continue_delta), that run's base, recursively."""
+  with open(os.path.join(run_dir, "config.json")) as f:
+    config = json.load(f)
+  source = resolve_run(config["init_from"])
+  return lora_base(source[0]) if config.get("lora", {}).get("continue_delta") else source
 
 
 def restore_params(run_dir: str, step: int):

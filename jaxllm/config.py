@@ -148,6 +148,9 @@ def validate(config, num_devices: int | None = None):
     _check(c.lora.rank > 0, "lora.rank", f"must be > 0, got {c.lora.rank}")
     _check(c.lora.alpha > 0, "lora.alpha", f"must be > 0, got {c.lora.alpha}")
     _check(0 <= c.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {c.lora.dropout}")
+    _check(not (c.lora.continue_delta and c.stage == "dpo"), "lora.continue_delta",
+           "DPO's reference is the LoRA base without a delta, which a continued delta does not start from; start "
+           "DPO from the merged model instead (lora.continue_delta=False)")
     _check(not (c.lora.merged and c.lora.dropout), "lora.dropout",
            "dropout acts on the A·B path's input, which lora.merged=True does not compute; set lora.merged=False")
     from jaxllm import lora

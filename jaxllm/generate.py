@@ -170,7 +170,7 @@ def load_run(workdir: str, step: int | None = None):
   manager.close()
   params = restored["state"]["params"]
   if lora_config.get("enabled"):
-    params = lora.merge(checkpoint.load_params(*checkpoint.resolve_run(config["init_from"])), params)
+    params = lora.merge(checkpoint.load_params(*checkpoint.lora_base(workdir)), params)
   return cfg, params, tokenizer
 
 

@@ -372,7 +372,7 @@ def export_adapter(run_dir: str, step: int, config: dict, cfg: model_lib.ModelCo
   lora_config = config.get("lora", {})
   if not lora_config.get("enabled"):
     raise ValueError(f"--peft: {run_dir} is not a LoRA run (its lora.enabled is false)")
-  base = config.get("init_from", "")
+  base = checkpoint.lora_base(run_dir)[0]  # the run's init_from (its base's, if it continued another's delta)
   if is_hf_dir(base):
     base = os.path.abspath(base)
   else:

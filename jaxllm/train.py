@@ -142,6 +142,22 @@ def _log(message: str):
     print(message, flush=True)
 
 
+def _continued_base(config, source_run) -> tuple[str, int]:
+  """lora.continue_delta: the base of the LoRA run init_from names, after checking that its delta has this
+  config's shape and scale."""
+  run_dir = source_run[0]
+  with open(os.path.join(run_dir, "config.json")) as f:
+    source_lora = json.load(f).get("lora", {})
+  if not source_lora.get("enabled"):
+    raise config_lib.ConfigError(f"lora.continue_delta: init_from {run_dir} is not a LoRA run (no delta to "
+                                 "continue); set lora.continue_delta=False to train a new delta on it")
+  for key in ("rank", "alpha", "targets", "rslora"):
+    if source_lora.get(key) != config.lora[key]:
+      raise config_lib.ConfigError(f"lora.{key}: {config.lora[key]!r} differs from {source_lora.get(key)!r} of "
+                                   f"the delta continued from {run_dir}")
+  return ckpt_lib.lora_base(run_dir)
+
+
 # ------------------------------------------------------------------------------------------------ loop
 
 
@@ -191,7 +207,9 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   eval_batches = [sharding.put_batch(drop_index(b), batch_sharding)
                   for b in loaders.eval_batches(config, val_source, tokenizer)]
 
-  source_params = functools.cache(lambda: ckpt_lib.load_params(*source_run))  # read once, if at all
+  continue_delta = config.lora.enabled and config.lora.continue_delta
+  base_run = _continued_base(config, source_run) if continue_delta else source_run
+  source_params = functools.cache(lambda: ckpt_lib.load_params(*base_run))  # read once, if at all
   frozen, frozen_sharding = frozen_trees(config, model_cfg, source_params, mesh, rules)
   meta = {"tokenizer_sha256": tokenizer.sha256, "model": dataclasses.asdict(model_cfg)}
   if source_run:
@@ -214,9 +232,13 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
       # a copy: the trainable state is donated to the step, and a DPO reference must not share its buffers
       start = jax.tree.map(lambda x: np.array(x, copy=True), source_params())
       state = state.replace(params=jax.device_put(start, state_sharding.params))
+    if continue_delta:  # the delta of the LoRA run init_from names, trained further; fresh optimizer state
+      delta = lora.from_saved(ckpt_lib.restore_params(*source_run), config.lora)
+      state = state.replace(params=jax.device_put(delta, state_sharding.params))
     if source_run:
       _log(f"initialized from {source_run[0]}/checkpoints/{source_run[1]}"
-           + (" (frozen base of a LoRA delta)" if config.lora.enabled else ""))
+           + (f" (its LoRA delta, on its base {base_run[0]}/checkpoints/{base_run[1]})" if continue_delta else
+              " (frozen base of a LoRA delta)" if config.lora.enabled else ""))
 
   cache = config.stage == "dpo" and config.dpo.get("cache_reference")
   if cache:

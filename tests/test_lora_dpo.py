@@ -41,12 +41,21 @@ def _state_params(workdir):
   return mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
 
 
-def test_lora_sft_trains_and_saves_only_the_delta(pretrained, corpus_dir, qa_jsonl, tmp_path, capsys):
-  c = sft_config(corpus_dir, qa_jsonl, pretrained)
-  c.lora.enabled, c.lora.rank, c.lora.targets = True, 4, "attention,mlp"
-  workdir = str(tmp_path / "lora_sft")
-  train.run(c, workdir)
-  assert "frozen base of a LoRA delta" in capsys.readouterr().out
+def lora_sft_config(corpus_dir, qa_jsonl, init_from):
+  c = sft_config(corpus_dir, qa_jsonl, init_from)
+  c.lora.enabled, c.lora.rank, c.lora.targets, c.lora.dropout = True, 4, "attention,mlp", 0.05
+  return c
+
+
+@pytest.fixture(scope="module")
+def lora_sft_run(pretrained, corpus_dir, qa_jsonl, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("lora_sft"))
+  train.run(lora_sft_config(corpus_dir, qa_jsonl, pretrained), workdir)
+  return workdir
+
+
+def test_lora_sft_trains_and_saves_only_the_delta(lora_sft_run, pretrained, tmp_path):
+  workdir = lora_sft_run
   rows = metrics_lib.read_metrics(workdir)
   evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
   assert evals[-1] < evals[0] - 0.3
@@ -69,6 +78,33 @@ def test_lora_sft_trains_and_saves_only_the_delta(pretrained, corpus_dir, qa_jso
     np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(e, b)
   assert not json.load(open(os.path.join(out, "config.json")))["lora"]["enabled"]
+
+
+def test_continue_the_delta_of_a_lora_run(lora_sft_run, pretrained, corpus_dir, qa_jsonl, tmp_path, capsys):
+  """lora.continue_delta: the new run starts from the saved delta on the same base (its step-0 validation loss
+  is the source run's last), trains it further, and its checkpoint loads as base + the new delta."""
+  from jaxllm import checkpoint
+  c = lora_sft_config(corpus_dir, qa_jsonl, lora_sft_run)
+  c.lora.continue_delta, c.train.steps = True, 4
+  workdir = str(tmp_path / "continued")
+  train.run(c, workdir)
+  assert f"its LoRA delta, on its base {pretrained}" in capsys.readouterr().out
+  source_eval = [r["eval/loss"] for r in metrics_lib.read_metrics(lora_sft_run) if "eval/loss" in r]
+  evals = [r for r in metrics_lib.read_metrics(workdir) if "eval/loss" in r]
+  assert evals[0]["step"] == 0 and evals[0]["eval/loss"] == pytest.approx(source_eval[-1], rel=1e-5)
+  assert checkpoint.lora_base(workdir) == checkpoint.resolve_run(pretrained)
+  delta = lora.from_saved(checkpoint.restore_params(*checkpoint.resolve_run(workdir)), c.lora)
+  start = lora.from_saved(checkpoint.restore_params(*checkpoint.resolve_run(lora_sft_run)), c.lora)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(start)))
+  want = lora.merge(checkpoint.load_params(*checkpoint.resolve_run(pretrained)), delta)
+  got = checkpoint.load_params(*checkpoint.resolve_run(workdir))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+  c.lora.rank = 8
+  with pytest.raises(config_lib.ConfigError, match="lora.rank: 8 differs from 4"):
+    train.run(c, str(tmp_path / "other_rank"))
+  c.lora.rank, c.init_from = 4, pretrained
+  with pytest.raises(config_lib.ConfigError, match="lora.continue_delta: init_from .* is not a LoRA run"):
+    train.run(c, str(tmp_path / "not_lora"))
 
 
 def test_lora_resume_refuses_a_changed_base(pretrained, corpus_dir, qa_jsonl, tmp_path):
