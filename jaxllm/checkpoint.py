@@ -1,32 +1,59 @@
 """Checkpoints with orbax: the train state, the data iterator's position and a small JSON of metadata
-(tokenizer hash, model config) are saved together, under one step, every N steps, keeping the newest K."""
+(tokenizer hash, model config) are saved together, under one step, every N steps, keeping the newest K.
+
+A save is written under a temporary name and renamed to `N/` when complete (orbax's commit), so a process killed
+mid-save leaves only a temporary directory: never listed, never restored, and removed at the next start. A save
+that fails (a full or failing disk) raises CheckpointError at the next save or wait, never silently."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import threading
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+_RETIRED = ".orbax-checkpoint-tmp-retired"  # orbax's temporary-name marker: not a step; removed at the next start
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written; the newest committed one is intact."""
 
 
 class Checkpointer:
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    self.keep = keep
+    # Retention is ours (_retire_old), not orbax's max_to_keep: its deletion can be cut short by a kill and leave
+    # a half-deleted step that still lists as committed.
+    options = ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._in_flight = None  # the step of the save not yet known to be committed
+    self._deleting = []     # threads removing retired checkpoints
 
   def latest_step(self) -> int | None:
+    """The newest committed step; waits for a save in flight (never lists one still being written)."""
+    self.wait()
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator=None, meta: dict | None = None) -> bool:
+    """Starts saving `step` (in the background if async) after the previous save has committed."""
+    self.wait()
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._in_flight = step
+    try:
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:
+      self._in_flight = None
+      raise self._error(step, e) from e
 
   def restore(self, step: int, abstract_state, data_iterator=None) -> tuple[Any, dict]:
     """The state at `step`, placed with `abstract_state`'s shardings; `data_iterator` is moved in place."""
@@ -40,11 +67,48 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight has committed, then retires old checkpoints. Raises CheckpointError if
+    that save failed."""
+    step, self._in_flight = self._in_flight, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._error(step, e) from e
+    self._retire_old()
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+    for thread in self._deleting:
+      thread.join()
+
+  def _error(self, step, cause: Exception) -> CheckpointError:
+    try:
+      self.manager.reload()  # the committed steps on disk: the failed one is not among them
+      latest = f"the newest committed checkpoint is {self.manager.latest_step()}"
+    except Exception as e:  # the directory itself is gone or unreadable
+      latest = f"the directory cannot be listed either ({e})"
+    return CheckpointError(f"checkpoint {step} could not be written to {self.directory}: {type(cause).__name__}: "
+                           f"{cause}\n({latest}; the same command resumes from the newest committed checkpoint "
+                           "once the directory is writable)")
+
+  def _retire_old(self):
+    """Deletes the committed checkpoints older than the newest `keep`, each first renamed to a temporary name in
+    one atomic step: a kill while deleting leaves no half-deleted checkpoint that would list as committed."""
+    old = self.manager.all_steps()[:-self.keep]
+    if not old:
+      return
+    self._deleting = [t for t in self._deleting if t.is_alive()]
+    if jax.process_index() == 0:
+      for step in old:
+        path = os.path.join(self.directory, str(step))
+        os.rename(path, path + _RETIRED)
+        thread = threading.Thread(target=shutil.rmtree, args=(path + _RETIRED,), kwargs={"ignore_errors": True})
+        thread.start()
+        self._deleting.append(thread)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint retire {old[-1]}")
+    self.manager.reload()
 
 
 def resolve_run(path: str) -> tuple[str, int]:

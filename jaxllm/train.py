@@ -334,9 +334,10 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
       if pending is not None:
         finish_step(*pending)
       pending = (step, m)
-      if step % t.checkpoint_every == 0 or step == t.steps or preempted:
+      stop = preempted(step)  # every step, on every process: multi-process runs agree on the step to stop at
+      if step % t.checkpoint_every == 0 or step == t.steps or stop:
         checkpointer.save(step, state, data_iter, meta)
-      if preempted:  # SIGTERM (preemption): keep this step, stop, and let the same command resume
+      if stop:  # SIGTERM (preemption): keep this step, stop, and let the same command resume
         finish_step(*pending)
         checkpointer.close()
         writer.close()
@@ -373,16 +374,21 @@ class Preempted(Exception):
 
 @contextlib.contextmanager
 def _sigterm_flag():
-  """A list that becomes non-empty when SIGTERM arrives (single-process runs, from the main thread); the previous
-  handler is restored on exit. Multi-process runs keep the default handler: their processes would have to agree
-  on the step to save (jax's preemption sync point), which is not wired in yet."""
-  flag = []
-  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-    yield flag
+  """A function of the step, called once per step, that is true once SIGTERM has arrived. Single-process: a
+  Python handler (main thread only; the previous handler is restored on exit). Multi-process: jax's preemption
+  sync point, true on every process at the same step once any of them got SIGTERM (jax.distributed catches it)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    yield multihost_utils.reached_preemption_sync_point if jax.config.jax_enable_preemption_service else (
+        lambda step: False)  # the service off: SIGTERM keeps its default action
     return
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda step: False
+    return
+  flag = []
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.append(signum))
   try:
-    yield flag
+    yield lambda step: bool(flag)
   finally:
     signal.signal(signal.SIGTERM, previous)
 
