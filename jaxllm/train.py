@@ -335,21 +335,23 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
         finish_step(*pending)
       pending = (step, m)
       stop = preempted(step)  # every step, on every process: multi-process runs agree on the step to stop at
-      if step % t.checkpoint_every == 0 or step == t.steps or stop:
-        checkpointer.save(step, state, data_iter, meta)
-      if stop:  # SIGTERM (preemption): keep this step, stop, and let the same command resume
-        finish_step(*pending)
-        checkpointer.close()
-        writer.close()
-        raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint {step} is committed and the same "
-                        "command resumes from it")
-      if eval_batches and (step % t.eval_every == 0 or step == t.steps):
+      save = step % t.checkpoint_every == 0 or step == t.steps or stop
+      evaluate_now = eval_batches and (step % t.eval_every == 0 or step == t.steps)
+      if save or evaluate_now:  # a step's rows are written before its checkpoint: a resume from it lacks none
         finish_step(*pending)
         pending = None
+      if evaluate_now:
         row = evaluate(state.params)
         writer.write(step, row)
         _log(f"step {step}/{t.steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
         last.update(row)
+      if save:
+        checkpointer.save(step, state, data_iter, meta)
+      if stop:  # SIGTERM (preemption): keep this step, stop, and let the same command resume
+        checkpointer.close()
+        writer.close()
+        raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint {step} is committed and the same "
+                        "command resumes from it")
   if pending is not None:
     finish_step(*pending)
   checkpointer.close()
