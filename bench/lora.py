@@ -40,6 +40,7 @@ def measure(config, model_cfg, steps):
                  donate_argnums=0)
   compiled = step.lower(state, batch, frozen).compile()
   mem = compiled.memory_analysis()
+  flops = compiled.cost_analysis()["flops"]  # XLA's count for the compiled step: what the device must compute
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
   state, m = step(state, batch, frozen)
   jax.block_until_ready(m)
@@ -52,7 +53,7 @@ def measure(config, model_cfg, steps):
     best = min(best, (time.perf_counter() - start) / steps)
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   return dict(trainable=sum(x.size for x in jax.tree.leaves(state.params)), opt=nbytes(state.opt_state),
-              frozen=nbytes(frozen), peak=peak, step=best)
+              frozen=nbytes(frozen), peak=peak, step=best, flops=flops)
 
 
 def main():
@@ -81,12 +82,14 @@ def main():
   full = rows["full fine-tune"]
   print(f"device: {jax.devices()[0].device_kind}; model {args.size}: {model_lib.num_params(model_cfg) / 1e6:.1f}M "
         f"params; batch {args.batch} x {args.seq}; LoRA targets {config.lora.targets}\n")
-  print("| run | trainable params | optimizer state | frozen tree | compiled peak memory | step time | vs full |")
-  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+  print("| run | trainable params | optimizer state | frozen tree | compiled peak memory | step FLOPs (XLA) | "
+        "step time | vs full |")
+  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for name, r in rows.items():
     print(f"| {name} | {r['trainable']:,} ({100 * r['trainable'] / full['trainable']:.2f}%) | "
           f"{r['opt'] / 2**20:.2f} MiB ({100 * r['opt'] / full['opt']:.2f}%) | {r['frozen'] / 2**20:.1f} MiB | "
-          f"{r['peak'] / 2**20:.1f} MiB | {1000 * r['step']:.0f} ms | {r['step'] / full['step']:.2f}x |")
+          f"{r['peak'] / 2**20:.1f} MiB | {r['flops'] / 1e9:.1f} G ({r['flops'] / full['flops']:.2f}x) | "
+          f"{1000 * r['step']:.0f} ms | {r['step'] / full['step']:.2f}x |")
 
 
 if __name__ == "__main__":
