@@ -48,6 +48,12 @@ def tiny_config(corpus_dir, **overrides):
   c.train.steps, c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 8, 1, 4, 4
   c.train.eval_batches, c.train.num_samples, c.train.sample_tokens = 2, 1, 8
   c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-2, 2
+  return set_fields(c, **overrides)
+
+
+def set_fields(c, **overrides):
+  """The config with dotted keys set ("train.steps": 4); returns it unlocked."""
+  c = c.unlock()
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")

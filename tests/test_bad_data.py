@@ -5,10 +5,9 @@ built from a lenient source are exact: no empty row, none longer than seq_len, m
 
 import json
 
-import numpy as np
 import pytest
 
-from jaxllm.data import chat, loaders, pipeline, preference, sft, sources, tokenizer as tokenizer_lib
+from jaxllm.data import chat, loaders, preference, sft, sources, tokenizer as tokenizer_lib
 from tests.conftest import tiny_config
 from tests.test_sft_data import expected_example, unpack
 

@@ -10,19 +10,8 @@ import pytest
 from jaxllm import train
 from jaxllm.data import sources
 from jaxllm.data.tokenizer import train_tokenizer
-from tests.conftest import sft_config, tiny_config
+from tests.conftest import set_fields as _set, sft_config, tiny_config
 from tests.test_lora_dpo import dpo_config
-
-
-def _set(c, **overrides):
-  c = c.unlock()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 @pytest.fixture(scope="module")
