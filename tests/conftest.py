@@ -97,5 +97,16 @@ def sft_config(corpus_dir, qa_jsonl, init_from, **overrides):
   return c
 
 
+@pytest.fixture(scope="session")
+def pref_jsonl(tmp_path_factory):
+  """Preference pairs about the synthetic grammar: the right answer chosen, an unrelated sentence rejected."""
+  path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
+  rows = [{"prompt": f"what is the {a} number {i}?", "chosen": f"the {a} is {i % 7}.",
+           "rejected": f"the {ANIMALS[(j + 1) % 5]} sees the moon."}
+          for i in range(40) for j, a in enumerate(ANIMALS)]
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return path
+
+
 # tests/multidevice needs 8 devices, fixed at process start: test_sharding.py runs it in its own process.
 collect_ignore = [] if os.environ.get("JAXLLM_MULTIDEVICE") else ["multidevice"]

@@ -11,17 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxllm import config as config_lib, generate, lora, metrics as metrics_lib, train
-from tests.conftest import ANIMALS, sft_config, tiny_config
-
-
-@pytest.fixture(scope="module")
-def pref_jsonl(tmp_path_factory):
-  path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
-  rows = [{"prompt": f"what is the {a} number {i}?", "chosen": f"the {a} is {i % 7}.",
-           "rejected": f"the {ANIMALS[(j + 1) % 5]} sees the moon."}
-          for i in range(40) for j, a in enumerate(ANIMALS)]
-  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  return path
+from tests.conftest import sft_config, tiny_config
 
 
 def dpo_config(corpus_dir, pref_jsonl, init_from, *, use_lora, **overrides):

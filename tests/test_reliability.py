@@ -34,7 +34,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxllm import checkpoint as ckpt_lib, metrics as metrics_lib, train
-from tests.conftest import ANIMALS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIALS = int(os.environ.get("JAXLLM_RELIABILITY_TRIALS", "0"))
@@ -89,7 +88,7 @@ def _tiny(corpus_dir):
           "model.num_heads": 2, "model.num_kv_heads": 1, "model.head_dim": 16}
 
 
-def _stage(name, corpus_dir, qa_jsonl, pairs_jsonl, pretrained):
+def _stage(name, corpus_dir, qa_jsonl, pref_jsonl, pretrained):
   """(config file, overrides) of a STEPS-step run of a stage, with 2 evals and 2 checkpoints kept."""
   loop = {"train.batch_size": 4, "train.steps": STEPS, "train.log_every": 1, "train.eval_every": STEPS // 2,
           "train.eval_batches": 1, "train.checkpoint_every": EVERY, "train.keep_checkpoints": 2,
@@ -101,7 +100,7 @@ def _stage(name, corpus_dir, qa_jsonl, pairs_jsonl, pretrained):
     return "configs/sft.py:size=tiny", {"init_from": pretrained, "data.sources": str(qa_jsonl),
                                         "data.validation_fraction": 0.1, **loop, "train.seq_len": 48, **lora}
   return (f"configs/dpo.py:size=tiny,lora={bool(lora)}",
-          {"init_from": pretrained, "data.sources": str(pairs_jsonl), "data.validation_fraction": 0.1,
+          {"init_from": pretrained, "data.sources": str(pref_jsonl), "data.validation_fraction": 0.1,
            "dpo.beta": 0.5, "dpo.cache_reference": bool(lora), **loop, "train.seq_len": 40,
            "optimizer.learning_rate": 1e-2, **lora})
 
@@ -210,24 +209,14 @@ def _assert_identical(reference, workdir):
 
 
 @pytest.fixture(scope="module")
-def pairs_jsonl(tmp_path_factory):
-  path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-  rows = [{"prompt": f"what is the {a} number {i}?", "chosen": f"the {a} is {i % 7}.",
-           "rejected": f"the {ANIMALS[(j + 1) % 5]} sees the moon."}
-          for i in range(40) for j, a in enumerate(ANIMALS)]
-  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  return path
-
-
-@pytest.fixture(scope="module")
-def stage(corpus_dir, qa_jsonl, pairs_jsonl, pretrained, tmp_path_factory):
+def stage(corpus_dir, qa_jsonl, pref_jsonl, pretrained, tmp_path_factory):
   """name -> (config, overrides, reference workdir, reference Run): the uninterrupted run of the stage, started on
   first use, runs while the test interrupts its own run of the same command."""
   root = tmp_path_factory.mktemp("reliability")
   refs = {}
 
   def get(name):
-    config, overrides = _stage(name, corpus_dir, qa_jsonl, pairs_jsonl, pretrained)
+    config, overrides = _stage(name, corpus_dir, qa_jsonl, pref_jsonl, pretrained)
     if name not in refs:
       workdir = str(root / f"reference_{name}")
       refs[name] = (Run(_command(config, overrides, workdir), workdir), workdir)
