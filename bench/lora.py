@@ -1,8 +1,10 @@
 """Full fine-tuning against LoRA on the same batch: trainable params, optimizer-state bytes, compiled memory and
 step time of the real train step (train.train_step with objectives.with_lora), small preset by default. LoRA
 runs on the trainer's unmerged path (x·W + s·(x·A)·B) and, for comparison, on the merged one (merge(W, ΔW)).
+A last row trains only the norm scales of the frozen model: no weight gradient at all, the floor a LoRA step
+approaches as its adapters get cheaper. Step times are taken in turn, round robin, best of --rounds.
 
-  python bench/lora.py [--size small] [--rank 8] [--batch 8] [--seq 256] [--steps 5]
+  python bench/lora.py [--size small] [--rank 8] [--batch 8] [--seq 256] [--steps 3] [--rounds 3]
 
 Memory is XLA's compiled memory analysis of the step (arguments + outputs + temporaries, aliasing excluded): the
 peak a device needs, known without running on one.
@@ -20,12 +22,29 @@ from configs import pretrain
 from jaxllm import config as config_lib, lora, model as model_lib, objectives, optim, train
 
 
-def measure(config, model_cfg, steps):
-  objective = objectives.make(model_cfg, config)
+def norms_only(model_cfg, config) -> objectives.Objective:
+  """Train only the RMSNorm scales of a frozen base (frozen["base"]): the forward pass plus the backward pass
+  through every activation, and no weight gradient. The floor of any method that freezes the matrices; LoRA's
+  distance above it is the cost of its adapters."""
+  objective = objectives.next_token(model_cfg, config)
+  norms = lambda p: {"layers": {k: p["layers"][k] for k in ("attn_norm", "mlp_norm")}, "final_norm": p["final_norm"]}
+
+  def loss_fn(scales, batch, frozen):
+    params = dict(frozen["base"], final_norm=scales["final_norm"], layers=dict(frozen["base"]["layers"],
+                                                                               **scales["layers"]))
+    return objective.loss_fn(params, batch, frozen)
+
+  return objectives.Objective(loss_fn, loss_fn, lambda rng: norms(model_lib.init_boxed(model_cfg, rng)))
+
+
+def measure(config, model_cfg, steps, floor=False):
+  objective = norms_only(model_cfg, config) if floor else objectives.make(model_cfg, config)
   tx = optim.optimizer(config.optimizer, config.train.steps)
   init = functools.partial(train.init_state, init_trainable=objective.init_trainable, tx=tx)
   state = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(0))
   frozen = {}
+  if floor:
+    frozen["base"] = model_lib.init(model_cfg, jax.random.key(1))
   if config.lora.enabled:
     base = model_lib.init(model_cfg, jax.random.key(1))
     frozen["base"] = lora.quantize_int8(base, config.lora.targets) if config.lora.quantize_base else base
@@ -42,18 +61,20 @@ def measure(config, model_cfg, steps):
   mem = compiled.memory_analysis()
   flops = compiled.cost_analysis()["flops"]  # XLA's count for the compiled step: what the device must compute
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-  state, m = step(state, batch, frozen)
-  jax.block_until_ready(m)
-  best = float("inf")
-  for _ in range(3):
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  row = dict(trainable=sum(x.size for x in jax.tree.leaves(state.params)), opt=nbytes(state.opt_state),
+             frozen=nbytes(frozen), peak=peak, flops=flops, step=float("inf"))
+  holder = [state]
+
+  def timed_steps():  # seconds per step over `steps` steps
     start = time.perf_counter()
     for _ in range(steps):
-      state, m = step(state, batch, frozen)
+      holder[0], m = compiled(holder[0], batch, frozen)
     jax.block_until_ready(m)
-    best = min(best, (time.perf_counter() - start) / steps)
-  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  return dict(trainable=sum(x.size for x in jax.tree.leaves(state.params)), opt=nbytes(state.opt_state),
-              frozen=nbytes(frozen), peak=peak, step=best, flops=flops)
+    return (time.perf_counter() - start) / steps
+
+  timed_steps()  # warm-up
+  return row, timed_steps
 
 
 def main():
@@ -63,13 +84,14 @@ def main():
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--steps", type=int, default=3, help="steps per timing")
+  p.add_argument("--rounds", type=int, default=3, help="timings of each run, taken in turn; the best counts")
   args = p.parse_args()
   config = pretrain.get_config(f"size={args.size}").unlock()
   config.train.batch_size, config.train.seq_len = args.batch, args.seq
   config.init_from = "(bench)"
   model_cfg = config_lib.resolve_model(config, args.vocab)
-  rows = {}
+  rows, timers = {}, {}
   for name, enabled, quantize, merged in (
       ("full fine-tune", False, False, False),
       (f"LoRA r={args.rank}", True, False, False),
@@ -78,7 +100,13 @@ def main():
     config.lora.enabled, config.lora.rank, config.lora.quantize_base = enabled, args.rank, quantize
     config.lora.merged = merged
     config.lora.alpha = 2.0 * args.rank
-    rows[name] = measure(config, model_cfg, args.steps)
+    rows[name], timers[name] = measure(config, model_cfg, args.steps)
+  config.lora.enabled = False
+  floor = "frozen matrices, norms trained (floor)"
+  rows[floor], timers[floor] = measure(config, model_cfg, args.steps, floor=True)
+  for _ in range(args.rounds):  # round robin, best of each: slow drifts of a shared machine hit every row alike
+    for name, timed_steps in timers.items():
+      rows[name]["step"] = min(rows[name]["step"], timed_steps())
   full = rows["full fine-tune"]
   print(f"device: {jax.devices()[0].device_kind}; model {args.size}: {model_lib.num_params(model_cfg) / 1e6:.1f}M "
         f"params; batch {args.batch} x {args.seq}; LoRA targets {config.lora.targets}\n")

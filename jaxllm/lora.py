@@ -56,6 +56,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
+from jaxllm import model as model_lib
+
 Params = Any
 
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -387,21 +389,20 @@ def _low_rank(dropout: float):
     if method not in ("__call__", "attend") or not module.has_variable("params", "lora_a"):
       return y
     a, b = module.get_variable("params", "lora_a"), module.get_variable("params", "lora_b")
-    x = args[0]
+    a, b, x = a.astype(y.dtype), b.astype(y.dtype), args[0]
     if isinstance(module, nn.Embed):
       if method == "__call__":   # rows of ΔW = s·A·B for the tokens: A's rows times B
-        low = jnp.take(a, x, axis=0).astype(y.dtype) @ b.astype(y.dtype)
-      else:                      # attend (tied logits): x·ΔWᵀ = s·(x·Bᵀ)·Aᵀ
-        low = (x.astype(y.dtype) @ b.T.astype(y.dtype)) @ a.T.astype(y.dtype)
-      return y + low.astype(y.dtype)
+        return y + model_lib.flat_matmul(jnp.take(a, x, axis=0), b, 1)
+      # attend (tied logits): x·ΔWᵀ = s·(x·Bᵀ)·Aᵀ
+      return y + model_lib.flat_matmul(model_lib.flat_matmul(x.astype(y.dtype), b.T, 1), a.T, 1)
     x = x.astype(y.dtype)
     if dropout and module.has_variable("params", "lora_rng"):
       key = jax.random.wrap_key_data(module.get_variable("params", "lora_rng"))
       keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
-    ni = a.ndim - 1  # the input dims x contracts with (the layer axis is already sliced off by nn.scan)
-    low = jnp.tensordot(jnp.tensordot(x, a.astype(y.dtype), axes=ni), b.astype(y.dtype), axes=1)
-    return y + low.astype(y.dtype)
+    # x contracts with A's input dims (the layer axis is already sliced off by nn.scan); B maps r to the output.
+    # 2-D matmuls: the factors' gradients contract tokens only (see model.flat_matmul).
+    return y + model_lib.flat_matmul(model_lib.flat_matmul(x, a, a.ndim - 1), b, 1)
 
   return interceptor
 

@@ -33,12 +33,17 @@ def losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(corpus_dir, tmp_path_factory):
-  """One device."""
+def reference_run(corpus_dir, tmp_path_factory):
+  """One device; its workdir."""
   assert jax.device_count() == 8
   workdir = str(tmp_path_factory.mktemp("one_device"))
   train.run(config(corpus_dir), workdir, devices=jax.devices()[:1])
-  return losses(workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+  return losses(reference_run)
 
 
 def assert_close(got, want):
@@ -83,6 +88,19 @@ def test_checkpoint_moves_between_meshes(reference, corpus_dir, tmp_path):
   more = config(corpus_dir, **{"train.steps": STEPS + 2})
   train.run(more, workdir, devices=jax.devices()[:1])
   assert len(losses(workdir)) == STEPS + 2
+
+
+def test_lora_same_losses_on_a_mesh(reference_run, corpus_dir, tmp_path):
+  """LoRA on every target kind (q/k/v/o with their multi-head factors, MLP, the tied embedding and logits), with
+  dropout, on fsdp=4,tensor=2 (factors sharded like their base weights) == the same run on one device."""
+  lora = {"init_from": reference_run, "lora.enabled": True, "lora.targets": "all", "lora.dropout": 0.1,
+          "optimizer.learning_rate": 3e-2}
+  one, mesh = str(tmp_path / "one"), str(tmp_path / "mesh")
+  train.run(config(corpus_dir, **lora), one, devices=jax.devices()[:1])
+  train.run(config(corpus_dir, (1, 4, 2), **lora), mesh)
+  got, want = losses(mesh), losses(one)
+  assert want[-1] < want[0] - 0.05  # the delta trains
+  assert_close(got, want)
 
 
 TWO_PROCESS_SCRIPT = """
