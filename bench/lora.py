@@ -43,9 +43,7 @@ def measure(config, model_cfg, steps, floor=False):
   init = functools.partial(train.init_state, init_trainable=objective.init_trainable, tx=tx)
   state = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(0))
   frozen = {}
-  if floor:
-    frozen["base"] = model_lib.init(model_cfg, jax.random.key(1))
-  if config.lora.enabled:
+  if floor or config.lora.enabled:
     base = model_lib.init(model_cfg, jax.random.key(1))
     frozen["base"] = lora.quantize_int8(base, config.lora.targets) if config.lora.quantize_base else base
   b, t = config.train.batch_size, config.train.seq_len
@@ -101,7 +99,7 @@ def main():
     config.lora.merged = merged
     config.lora.alpha = 2.0 * args.rank
     rows[name], timers[name] = measure(config, model_cfg, args.steps)
-  config.lora.enabled = False
+  config.lora.enabled, config.lora.quantize_base = False, False
   floor = "frozen matrices, norms trained (floor)"
   rows[floor], timers[floor] = measure(config, model_cfg, args.steps, floor=True)
   for _ in range(args.rounds):  # round robin, best of each: slow drifts of a shared machine hit every row alike

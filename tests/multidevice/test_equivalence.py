@@ -92,7 +92,7 @@ def test_checkpoint_moves_between_meshes(reference, corpus_dir, tmp_path):
 
 def test_lora_same_losses_on_a_mesh(reference_run, corpus_dir, tmp_path):
   """LoRA on every target kind (q/k/v/o with their multi-head factors, MLP, the tied embedding and logits), with
-  dropout, on fsdp=4,tensor=2 (factors sharded like their base weights) == the same run on one device."""
+  dropout, on fsdp=4,tensor=2 (factors placed by the logical axes of their base weights) == one device."""
   lora = {"init_from": reference_run, "lora.enabled": True, "lora.targets": "all", "lora.dropout": 0.1,
           "optimizer.learning_rate": 3e-2}
   one, mesh = str(tmp_path / "one"), str(tmp_path / "mesh")
