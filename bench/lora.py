@@ -1,6 +1,7 @@
 """Full fine-tuning against LoRA on the same batch: trainable params, optimizer-state bytes, compiled memory and
 step time of the real train step (train.train_step with objectives.with_lora), small preset by default. LoRA
-runs on the trainer's unmerged path (x·W + s·(x·A)·B) and, for comparison, on the merged one (merge(W, ΔW)).
+runs on the trainer's unmerged path (each module x·(W + s·A·B) with a backward pass that never forms dL/dW; with
+dropout, x·W + s·(drop(x)·A)·B) and, for comparison, on the merged one (model on merge(W, ΔW)).
 A last row trains only the norm scales of the frozen model: no weight gradient at all, the floor a LoRA step
 approaches as its adapters get cheaper. Step times are taken in turn, round robin, best of --rounds.
 
@@ -90,16 +91,17 @@ def main():
   config.init_from = "(bench)"
   model_cfg = config_lib.resolve_model(config, args.vocab)
   rows, timers = {}, {}
-  for name, enabled, quantize, merged in (
-      ("full fine-tune", False, False, False),
-      (f"LoRA r={args.rank}", True, False, False),
-      (f"LoRA r={args.rank}, merged forward", True, False, True),
-      (f"LoRA r={args.rank}, int8 base", True, True, False)):
+  for name, enabled, quantize, merged, dropout in (
+      ("full fine-tune", False, False, False, 0.0),
+      (f"LoRA r={args.rank}", True, False, False, 0.0),
+      (f"LoRA r={args.rank}, dropout 0.05 (adds x·W + s·(drop(x)·A)·B)", True, False, False, 0.05),
+      (f"LoRA r={args.rank}, merged forward", True, False, True, 0.0),
+      (f"LoRA r={args.rank}, int8 base", True, True, False, 0.0)):
     config.lora.enabled, config.lora.rank, config.lora.quantize_base = enabled, args.rank, quantize
-    config.lora.merged = merged
+    config.lora.merged, config.lora.dropout = merged, dropout
     config.lora.alpha = 2.0 * args.rank
     rows[name], timers[name] = measure(config, model_cfg, args.steps)
-  config.lora.enabled, config.lora.quantize_base = False, False
+  config.lora.enabled, config.lora.quantize_base, config.lora.dropout = False, False, 0.0
   floor = "frozen matrices, norms trained (floor)"
   rows[floor], timers[floor] = measure(config, model_cfg, args.steps, floor=True)
   for _ in range(args.rounds):  # round robin, best of each: slow drifts of a shared machine hit every row alike

@@ -90,8 +90,9 @@ def dpo(model_cfg: model_lib.ModelConfig, config) -> Objective:
 
 def with_lora(objective: Objective, model_cfg: model_lib.ModelConfig, config) -> Objective:
   """The same objective trained through a LoRA delta: trainable = the delta, frozen["base"] = the base weights
-  (float or int8). The model computes x·W + s·(drop(x)·A)·B (lora.apply; lora.dropout while training, with
-  frozen["rng"]), or with lora.merged sees merge(base, delta). Under DPO the base itself is the reference."""
+  (float or int8). Each targeted module computes x·(W + s·A·B) without forming dL/dW (lora.apply), or
+  x·W + s·(drop(x)·A)·B with lora.dropout while training (frozen["rng"]), or with lora.merged the model sees
+  merge(base, delta). Under DPO the base itself is the reference."""
   lc = config.lora
   base_axes = model_lib.logical_axes(model_cfg)
 

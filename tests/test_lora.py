@@ -200,52 +200,91 @@ def test_unmerged_forward_matches_a_numpy_merged_base(scan, tie):
   assert np.abs(got - fwd(cfg, p, tokens)).max() > 1e-2
 
 
-def test_unmerged_gradients_equal_merged_and_skip_dW():
-  """The trainer's path: the same dL/dA, dL/dB as through merge, with a backward pass that never forms dL/dW
-  (XLA's FLOP count of the gradient is below the merged one by about the dW matmuls)."""
-  cfg, p = _cfg(), _base()
-  tokens = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (4, 65)), jnp.int32)
-  delta = _randomize(_shapes(p, "attention,mlp", rank=1), 6)  # rank 1: the low-rank products are thin
+@pytest.mark.parametrize("tie", [False, True])
+def test_unmerged_gradients_match_float64_and_skip_dW(tie):
+  """The trainer's path: dL/dA, dL/dB equal to the merged path's computed in float64 (within float32's error,
+  which the merged path's own float32 gradient shows too), with a backward pass that never forms dL/dW (XLA's
+  FLOP count of the gradient is below the merged one by about the dW matmuls). Every target kind: q/k/v/o, mlp,
+  the embedding's lookup and lm_head (untied), or the lookup and the tied logits."""
+  cfg, p = _cfg(tie=tie), _base(tie=tie)
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (4, 49)), jnp.int32)
+  n_tokens = 4 * 48  # a number no model dim equals
+  delta = _randomize(_shapes(p, "all", rank=1), 6)  # rank 1: the low-rank products are thin
 
-  def loss(delta, base, unmerged):
+  def loss(delta, base, unmerged, cfg=cfg):
     run = lambda q: model_lib.forward(cfg, q, tokens[:, :-1])
     logits = lora.apply(run, base, delta) if unmerged else run(lora.merge(base, delta))
     return losses.next_token_loss(logits, tokens[:, 1:], jnp.ones_like(tokens[:, 1:]))
 
   grads = {u: jax.jit(jax.grad(functools.partial(loss, unmerged=u))) for u in (True, False)}
-  g_unmerged, g_merged = (grads[u](delta, p) for u in (True, False))
-  for path, g in _deltas(g_merged).items():
-    for name in ("a", "b"):
-      want = np.asarray(getattr(g, name))
-      np.testing.assert_allclose(getattr(_deltas(g_unmerged)[path], name), want, rtol=1e-3,
-                                 atol=1e-4 * np.abs(want).max(), err_msg=f"{path} {name}")
-  # No matmul of the unmerged gradient has the shape of a targeted weight (of one layer): dL/dW is never formed.
-  # The merged gradient has them (the check can fail), and costs more FLOPs by XLA's count.
+  got = {u: _deltas(grads[u](delta, p)) for u in (True, False)}
+  with jax.enable_x64(True):
+    to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+    ref = jax.grad(functools.partial(loss, unmerged=False, cfg=dataclasses.replace(cfg, dtype="float64")))(
+        to64(delta), to64(p))
+    ref = {path: {name: np.asarray(getattr(g, name)) for name in "ab"} for path, g in _deltas(ref).items()}
+  for path in ref:
+    for name, want in ref[path].items():
+      for u in (True, False):  # float32's error here: up to 4e-4 of the largest entry (merged: 2e-4)
+        np.testing.assert_allclose(getattr(got[u][path], name), want, rtol=0, atol=2e-3 * np.abs(want).max(),
+                                   err_msg=f"{path} {name} unmerged={u}")
+  # No matmul of the unmerged gradient that contracts the tokens has the shape of a targeted weight (of one
+  # layer): dL/dW is never formed. The merged gradient has them (the check can fail), and costs more FLOPs.
   # A weight's gradient may come as the weight's shape or flattened to a matrix [prod(in), prod(out)].
   forms = lambda shape: {tuple(sorted(shape))} | {tuple(sorted((math.prod(shape[:k]), math.prod(shape[k:]))))
                                                   for k in range(1, len(shape))}
-  weight_forms = [forms(w.shape[1:]) for path, w in _leaves(p).items() if path in _deltas(delta)]
-  dots = {u: _dot_shapes(jax.make_jaxpr(jax.grad(functools.partial(loss, unmerged=u)))(delta, p).jaxpr)
+  weight_forms = {path: forms(w.shape[1:] if path.startswith("layers/") else w.shape)
+                  for path, w in _leaves(p).items() if path in _deltas(delta)}
+  dots = {u: _dot_shapes(jax.make_jaxpr(jax.grad(functools.partial(loss, unmerged=u)))(delta, p).jaxpr, n_tokens)
           for u in (True, False)}
-  assert not set().union(*weight_forms) & dots[True], set().union(*weight_forms) & dots[True]
-  assert all(f & dots[False] for f in weight_forms)
+  assert not set().union(*weight_forms.values()) & dots[True], set().union(*weight_forms.values()) & dots[True]
+  # (an untied embedding's dL/dW is a scatter of rows, not a matmul)
+  assert all(f & dots[False] for path, f in weight_forms.items() if tie or path != "embed/embedding")
   flops = {u: grads[u].lower(delta, p).compile().cost_analysis()["flops"] for u in (True, False)}
   assert flops[True] < flops[False], flops
 
 
-def _dot_shapes(jaxpr) -> set:
+def test_unmerged_bfloat16():
+  """In bfloat16 compute (each module's merged kernel formed in float32, then cast, as the model casts a merged
+  tree): logits and float32 factor gradients within bfloat16's error of the float32 computation's, which is
+  what the bare base model and the merged path show too (here 2.5-3.5% of the largest logit, 1-7% of the
+  largest gradient entry), well below the delta's own effect."""
+  cfg16, cfg32 = dataclasses.replace(_cfg(tie=True), dtype="bfloat16"), _cfg(tie=True)
+  p = _base(tie=True)
+  delta = _randomize(_shapes(p, "all"), 9, std=0.1)
+  tokens = _tokens(10, (2, 33))
+
+  def loss(delta, cfg):
+    logits = lora.apply(lambda q: model_lib.forward(cfg, q, tokens[:, :-1]), p, delta)
+    return losses.next_token_loss(logits, tokens[:, 1:], jnp.ones_like(tokens[:, 1:]))
+
+  want = np.asarray(_apply_fwd(cfg32, p, delta, tokens))
+  got = np.asarray(_apply_fwd(cfg16, p, delta, tokens).astype(jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=0, atol=0.06 * np.abs(want).max())
+  assert np.abs(want - fwd(cfg32, p, tokens)).max() > 0.5 * np.abs(want).max()  # the delta matters
+  g16, g32 = (_deltas(jax.jit(jax.grad(loss), static_argnums=1)(delta, c)) for c in (cfg16, cfg32))
+  for path, lw in g32.items():
+    for name in "ab":
+      assert getattr(g16[path], name).dtype == jnp.float32, path
+      np.testing.assert_allclose(getattr(g16[path], name), getattr(lw, name), rtol=0,
+                                 atol=0.1 * np.abs(getattr(lw, name)).max(), err_msg=f"{path} {name}")
+
+
+def _dot_shapes(jaxpr, contracted: int) -> set:
   """Output shapes (dims sorted: any transposition) of every dot_general in a jaxpr and its sub-jaxprs (scan,
-  remat, pjit, ...)."""
+  remat, pjit, custom_vjp, ...) whose contracted dims have `contracted` elements."""
   shapes = set()
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
-      shapes.add(tuple(sorted(eqn.outvars[0].aval.shape)))
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      if math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract) == contracted:
+        shapes.add(tuple(sorted(eqn.outvars[0].aval.shape)))
     for value in eqn.params.values():
       for sub in value if isinstance(value, (list, tuple)) else [value]:
         if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          shapes |= _dot_shapes(sub.jaxpr)
+          shapes |= _dot_shapes(sub.jaxpr, contracted)
         elif isinstance(sub, jax.extend.core.Jaxpr):
-          shapes |= _dot_shapes(sub)
+          shapes |= _dot_shapes(sub, contracted)
   return shapes
 
 
