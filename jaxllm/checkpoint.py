@@ -134,6 +134,11 @@ def _is_hf(path: str) -> bool:
   return hf.is_hf_dir(path)
 
 
+def location(run_dir: str, step: int) -> str:
+  """Where a resolved init_from lives, for messages: a run's checkpoint directory, or a Hugging Face model's."""
+  return f"{run_dir} (Hugging Face model)" if _is_hf(run_dir) else f"{run_dir}/checkpoints/{step}"
+
+
 def identity(run_dir: str, step: int) -> str:
   """Names one checkpoint exactly: its run, step and commit time (a run retrained in place gets a new one)."""
   if _is_hf(run_dir):

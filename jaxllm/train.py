@@ -236,8 +236,8 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
       delta = lora.from_saved(ckpt_lib.restore_params(*source_run), config.lora)
       state = state.replace(params=jax.device_put(delta, state_sharding.params))
     if source_run:
-      _log(f"initialized from {source_run[0]}/checkpoints/{source_run[1]}"
-           + (f" (its LoRA delta, on its base {base_run[0]}/checkpoints/{base_run[1]})" if continue_delta else
+      _log(f"initialized from {ckpt_lib.location(*source_run)}"
+           + (f" (its LoRA delta, on its base {ckpt_lib.location(*base_run)})" if continue_delta else
               " (frozen base of a LoRA delta)" if config.lora.enabled else ""))
 
   cache = config.stage == "dpo" and config.dpo.get("cache_reference")

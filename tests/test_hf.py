@@ -365,7 +365,7 @@ def test_peft_adapter_layout_is_the_merged_delta(tmp_path, scan):
   assert len(names) == 2 * (7 * cfg.num_layers + 2)
 
 
-def test_lora_from_a_hugging_face_directory_then_export(tmp_path, corpus_dir, tokenizer_320):
+def test_lora_from_a_hugging_face_directory_then_export(tmp_path, corpus_dir, tokenizer_320, capsys):
   """The whole path: init_from an HF dir, train a LoRA delta, export it merged and as a PEFT adapter."""
   from jaxllm import train
   d = tmp_path / "hf"
@@ -375,6 +375,7 @@ def test_lora_from_a_hugging_face_directory_then_export(tmp_path, corpus_dir, to
       "lora.enabled": True, "lora.targets": "attention,mlp,embed", "train.steps": 2, "train.checkpoint_every": 2,
       "train.eval_batches": 0, "train.num_samples": 0})
   train.run(config, run)
+  assert f"initialized from {d} (Hugging Face model) (frozen base of a LoRA delta)" in capsys.readouterr().out
   assert open(os.path.join(run, "tokenizer.model"), "rb").read() == tokenizer_320.model_bytes
   run_config = json.load(open(os.path.join(run, "config.json")))
   delta = lora.from_saved(checkpoint.restore_params(run, 2), run_config["lora"])
