@@ -165,8 +165,14 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   """Trains per `config` in `workdir` (resuming if it holds a checkpoint). Returns the last metrics.
 
   `stop_after=k` ends the process's work after step k as if it were killed there (for tests of resume);
-  `devices` restricts the mesh to these devices (default: all).
+  `devices` restricts the mesh to these devices (default: all). SIGTERM (preemption) raises Preempted: in the
+  loop after saving the current step; while loading or compiling, before the first step, with nothing to save.
   """
+  with _sigterm_flag() as preempted:  # from the start: a SIGTERM while loading data or compiling is caught too
+    return _run(config, workdir, preempted, stop_after=stop_after, devices=devices)
+
+
+def _run(config, workdir: str, preempted, *, stop_after: int | None, devices) -> dict:
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(config, num_devices=len(devices))
   os.makedirs(workdir, exist_ok=True)
@@ -319,6 +325,11 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
       last = row
       window = (now, 0)
 
+  if preempted(start_step):  # SIGTERM while loading data or compiling: stop before the first step
+    checkpointer.close()
+    writer.close()
+    raise Preempted(f"stopped by SIGTERM before step {start_step + 1}, with nothing new to save; the same command "
+                    + (f"resumes from checkpoint {start_step}" if start_step else "starts the run again"))
   if start_step == 0 and eval_batches:
     row = evaluate(state.params)  # the baseline every later validation loss is compared with
     writer.write(0, row)
@@ -327,31 +338,30 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
     print_samples(config, model_cfg, state.params, tokenizer, frozen, when="before training")
 
   pending = None
-  with _sigterm_flag() as preempted:
-    for step in range(start_step + 1, min(t.steps, stop_after or t.steps) + 1):
-      batch = sharding.put_batch(host_batch(next(data_iter)), batch_sharding)
-      state, m = step_fn(state, batch, frozen)
-      if pending is not None:
-        finish_step(*pending)
-      pending = (step, m)
-      stop = preempted(step)  # every step, on every process: multi-process runs agree on the step to stop at
-      save = step % t.checkpoint_every == 0 or step == t.steps or stop
-      evaluate_now = eval_batches and (step % t.eval_every == 0 or step == t.steps)
-      if save or evaluate_now:  # a step's rows are written before its checkpoint: a resume from it lacks none
-        finish_step(*pending)
-        pending = None
-      if evaluate_now:
-        row = evaluate(state.params)
-        writer.write(step, row)
-        _log(f"step {step}/{t.steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
-        last.update(row)
-      if save:
-        checkpointer.save(step, state, data_iter, meta)
-      if stop:  # SIGTERM (preemption): keep this step, stop, and let the same command resume
-        checkpointer.close()
-        writer.close()
-        raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint {step} is committed and the same "
-                        "command resumes from it")
+  for step in range(start_step + 1, min(t.steps, stop_after or t.steps) + 1):
+    batch = sharding.put_batch(host_batch(next(data_iter)), batch_sharding)
+    state, m = step_fn(state, batch, frozen)
+    if pending is not None:
+      finish_step(*pending)
+    pending = (step, m)
+    stop = preempted(step)  # every step, on every process: multi-process runs agree on the step to stop at
+    save = step % t.checkpoint_every == 0 or step == t.steps or stop
+    evaluate_now = eval_batches and (step % t.eval_every == 0 or step == t.steps)
+    if save or evaluate_now:  # a step's rows are written before its checkpoint: a resume from it lacks none
+      finish_step(*pending)
+      pending = None
+    if evaluate_now:
+      row = evaluate(state.params)
+      writer.write(step, row)
+      _log(f"step {step}/{t.steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
+      last.update(row)
+    if save:
+      checkpointer.save(step, state, data_iter, meta)
+    if stop:  # SIGTERM (preemption): keep this step, stop, and let the same command resume
+      checkpointer.close()
+      writer.close()
+      raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint {step} is committed and the same "
+                      "command resumes from it")
   if pending is not None:
     finish_step(*pending)
   checkpointer.close()

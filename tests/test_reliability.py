@@ -466,6 +466,35 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(stage, tmp_
                     ("; each identical to a 2-process reference" if references else "")]
 
 
+def test_sigterm_while_loading_stops_before_the_first_step(corpus_dir, tmp_path, monkeypatch):
+  """A SIGTERM before the loop (loading data, building the mesh, compiling) is caught from the start of run():
+  Preempted before step 1 (exit 75 from the CLI), no checkpoint, and the same command then runs through. A real
+  signal to this process: were run() not to catch it, this test's own handler would, and the missing Preempted
+  fails the test (rather than the default action ending pytest)."""
+  from jaxllm import sharding
+  from tests.conftest import tiny_config
+  cfg = tiny_config(corpus_dir, **{"train.steps": 2, "train.num_samples": 0, "train.eval_batches": 0})
+  workdir, make_mesh, caught_here = str(tmp_path / "run"), sharding.make_mesh, []
+
+  def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return make_mesh(*args, **kwargs)
+
+  monkeypatch.setattr(sharding, "make_mesh", signalled)
+  previous = signal.signal(signal.SIGTERM, lambda *args: caught_here.append(args))
+  try:
+    with pytest.raises(train.Preempted, match="before step 1, with nothing new to save"):
+      train.run(cfg, workdir)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert not caught_here
+  assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert not os.path.exists(os.path.join(workdir, "metrics.jsonl")) or not metrics_lib.read_metrics(workdir)
+  monkeypatch.undo()
+  train.run(cfg, workdir)
+  assert [r["step"] for r in metrics_lib.read_metrics(workdir) if "loss" in r] == [1, 2]
+
+
 def test_a_steps_rows_are_written_before_its_checkpoint(corpus_dir, tmp_path, monkeypatch):
   """A run killed right after checkpoint s commits, or preempted at s, resumes at s+1: the rows of s (training
   and eval) must already be in metrics.jsonl when the save of s starts. In-process, with SIGTERM simulated at an
