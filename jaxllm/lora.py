@@ -35,7 +35,7 @@ Two ways to run the model on base + delta, equal in value (tests/test_lora.py ch
             backward pass written out (_adapted_matmul: dx through the merged kernel, dA and dB from thin
             products); with dropout, and for an embedding lookup, as the module's own x·W plus s·(x·A)·B. The
             merged kernel is cheaper than the added low-rank term: it reads and writes an [in, out] matrix
-            rather than [tokens, ·] activations (on 2 CPU cores, the small preset's LoRA step 0.82x -> 0.79x of a
+            rather than [tokens, ·] activations (on 2 CPU cores, the small preset's LoRA step 0.82x -> 0.77x of a
             full step; bench/lora.py). This is the trainer's path.
 Quantized base (QLoRA-style). `quantize_int8` stores frozen matrices as int8 with float32 per-output-channel
 scales (symmetric absmax); inside the step, merge(dequantize(qbase), delta) gives float32 weights.
