@@ -37,6 +37,11 @@ Two ways to run the model on base + delta, equal in value (tests/test_lora.py ch
             merged kernel is cheaper than the added low-rank term: it reads and writes an [in, out] matrix
             rather than [tokens, ·] activations (on 2 CPU cores, the small preset's LoRA step 0.82x -> 0.77x of a
             full step; bench/lora.py). This is the trainer's path.
+
+Dropout (unmerged path only). LoRA dropout drops the *input activations* of the A·B path, per token and feature:
+x·W + s·(drop(x)·A)·B, with an independent mask per module and per layer (a key per layer rides next to A and
+B as "lora_rng"). Not applied to an embedding's lookup (its input is token ids).
+
 Quantized base (QLoRA-style). `quantize_int8` stores frozen matrices as int8 with float32 per-output-channel
 scales (symmetric absmax); inside the step, merge(dequantize(qbase), delta) gives float32 weights.
 
@@ -448,9 +453,10 @@ def _low_rank(dropout: float):
 
 def apply(fn, base, lora_params, *args, dropout: float = 0.0, rng=None, **kwargs):
   """fn(params, *args, **kwargs) with params = base + delta on the unmerged path (see the module docstring):
-  each targeted module computes x·(W + s·A·B), or x·W + s·(drop(x)·A)·B with dropout. `fn` calls the model (model.forward) on its params; it
-  may also call it on other trees (a DPO reference): modules without factors run unchanged. Dropout needs `rng`
-  (a new key per step); without one, or with dropout 0, the path is deterministic."""
+  each targeted module computes x·(W + s·A·B), or x·W + s·(drop(x)·A)·B with dropout. `fn` calls the model
+  (model.forward) on its params; it may also call it on other trees (a DPO reference): modules without factors
+  run unchanged. Dropout needs `rng` (a new key per step); without one, or with dropout 0, the path is
+  deterministic."""
   use_dropout = dropout > 0 and rng is not None
   params = attach(base, lora_params, dropout_rng=rng if use_dropout else None)
   with nn.intercept_methods(_low_rank(dropout if use_dropout else 0.0)):
