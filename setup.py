@@ -4,7 +4,8 @@ setup(
     name="jaxllm",
     version="0.1.0",
     description="A JAX codebase for pretraining, SFT, LoRA and DPO of decoder-only language models.",
-    packages=["jaxllm", "jaxllm.data", "configs"],
+    packages=["jaxllm", "jaxllm.data", "jaxllm.tasks", "configs"],
+    entry_points={"console_scripts": ["jaxllm = jaxllm.cli:entry"]},
     python_requires=">=3.10,<3.13",
     install_requires=[
         "jax>=0.6",
@@ -18,6 +19,8 @@ setup(
         "matplotlib>=3.7",
         "chatterbot-corpus>=1.3",  # embedded SFT/DPO data (YAML files, read with PyYAML)
         "pyyaml>=6",
+        "absl-py>=1.0",
+        "numpy>=1.24",
     ],
     extras_require={
         "test": ["pytest>=8"],

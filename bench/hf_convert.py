@@ -19,7 +19,7 @@ import tracemalloc
 import jax
 import numpy as np
 
-from jaxllm import hf, model as model_lib
+from jaxllm import export, hf, model as model_lib
 
 
 def timed(fn):
@@ -65,11 +65,11 @@ def main():
       del loaded
     src = os.path.join(root, "float32")
     run = os.path.join(root, "run")
-    _, seconds, peak = timed(lambda: hf.import_run(src, run))
+    _, seconds, peak = timed(lambda: export.import_hf(src, run))
     rows.append(("python -m jaxllm.hf import (load + orbax save)", *size_of(os.path.join(run, "checkpoints")),
                  seconds, peak))
     out = os.path.join(root, "exported")
-    _, seconds, peak = timed(lambda: hf.export_run(run, out))
+    _, seconds, peak = timed(lambda: export.to_hf(run, out))
     rows.append(("python -m jaxllm.hf export (orbax load + save)", *size_of(out), seconds, peak))
   finally:
     shutil.rmtree(root)

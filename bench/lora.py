@@ -1,5 +1,5 @@
 """Full fine-tuning against LoRA on the same batch: trainable params, optimizer-state bytes, compiled memory and
-step time of the real train step (train.train_step with objectives.with_lora), small preset by default. LoRA
+step time of the real train step (step.train_step through peft.Lora), small preset by default. LoRA
 runs on the trainer's unmerged path (each module x·(W + s·A·B) with a backward pass that never forms dL/dW; with
 dropout, x·W + s·(drop(x)·A)·B) and, for comparison, on the merged one (model on merge(W, ΔW)).
 A last row trains only the norm scales of the frozen model: no weight gradient at all, the floor a LoRA step
@@ -20,28 +20,32 @@ import jax
 import numpy as np
 
 from configs import pretrain
-from jaxllm import config as config_lib, lora, model as model_lib, objectives, optim, train
+from jaxllm import config as config_lib, lora, model as model_lib, optim, peft, step as step_lib, tasks
 
 
-def norms_only(model_cfg, config) -> objectives.Objective:
-  """Train only the RMSNorm scales of a frozen base (frozen["base"]): the forward pass plus the backward pass
-  through every activation, and no weight gradient. The floor of any method that freezes the matrices; LoRA's
-  distance above it is the cost of its adapters."""
-  objective = objectives.next_token(model_cfg, config)
+def norms_only(model_cfg, config):
+  """(loss_fn, init_trainable) training only the RMSNorm scales of a frozen base (frozen["base"]): the forward
+  pass plus the backward pass through every activation, and no weight gradient. The floor of any method that
+  freezes the matrices; LoRA's distance above it is the cost of its adapters."""
+  task_loss = tasks.make(config).loss_fn(model_cfg)
   norms = lambda p: {"layers": {k: p["layers"][k] for k in ("attn_norm", "mlp_norm")}, "final_norm": p["final_norm"]}
 
-  def loss_fn(scales, batch, frozen):
+  def loss_fn(scales, batch, frozen, rng=None):
     params = dict(frozen["base"], final_norm=scales["final_norm"], layers=dict(frozen["base"]["layers"],
                                                                                **scales["layers"]))
-    return objective.loss_fn(params, batch, frozen)
+    return task_loss(params, batch, frozen, rng)
 
-  return objectives.Objective(loss_fn, loss_fn, lambda rng: norms(model_lib.init_boxed(model_cfg, rng)))
+  return loss_fn, lambda rng: norms(model_lib.init_boxed(model_cfg, rng))
 
 
 def measure(config, model_cfg, steps, floor=False):
-  objective = norms_only(model_cfg, config) if floor else objectives.make(model_cfg, config)
+  if floor:
+    loss_fn, init_trainable = norms_only(model_cfg, config)
+  else:
+    tuning = peft.make(config, model_cfg, needs_reference=False)
+    loss_fn, init_trainable = tuning.wrap(tasks.make(config).loss_fn(model_cfg), train=True), tuning.init_trainable
   tx = optim.optimizer(config.optimizer, config.train.steps)
-  init = functools.partial(train.init_state, init_trainable=objective.init_trainable, tx=tx)
+  init = functools.partial(step_lib.init_state, init_trainable=init_trainable, tx=tx)
   state = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(0))
   frozen = {}
   if floor or config.lora.enabled:
@@ -53,7 +57,7 @@ def measure(config, model_cfg, steps, floor=False):
            "targets": rng.integers(0, model_cfg.vocab_size, (b, t), dtype=np.int32),
            "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
            "loss_mask": np.ones((b, t), np.float32)}
-  step = jax.jit(functools.partial(train.train_step, loss_fn=objective.loss_fn, tx=tx,
+  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
                                    lr_schedule=optim.schedule(config.optimizer, config.train.steps), grad_accum=1),
                  donate_argnums=0)
   compiled = step.lower(state, batch, frozen).compile()

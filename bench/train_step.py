@@ -16,14 +16,15 @@ import jax
 import numpy as np
 
 from configs import pretrain
-from jaxllm import config as config_lib, metrics, model as model_lib, objectives, optim, sharding, train
+from jaxllm import config as config_lib, metrics, model as model_lib, optim, sharding, step as step_lib, tasks
 
 
 def bench(config, model_cfg, steps: int) -> float:
-  objective = objectives.next_token(model_cfg, config)
+  loss_fn = tasks.make(config).loss_fn(model_cfg)
   tx = optim.optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh)
-  init = functools.partial(train.init_state, init_trainable=objective.init_trainable, tx=tx)
+  init = functools.partial(step_lib.init_state, init_trainable=functools.partial(model_lib.init_boxed, model_cfg),
+                           tx=tx)
   state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0))), mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(jax.random.key(0))
@@ -34,7 +35,7 @@ def bench(config, model_cfg, steps: int) -> float:
            "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
            "loss_mask": np.ones((b, t), np.float32)}
   batch = sharding.put_batch(batch, batch_sharding)
-  step = jax.jit(functools.partial(train.train_step, loss_fn=objective.loss_fn, tx=tx,
+  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
                                    lr_schedule=optim.schedule(config.optimizer, config.train.steps),
                                    grad_accum=config.train.grad_accum),
                  in_shardings=(state_sharding, batch_sharding, None), out_shardings=(state_sharding, None),

@@ -34,6 +34,7 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.data.tokenizer.vocab_size = 2048      # when training one
   c.data.tokenizer.model_type = "bpe"     # bpe | unigram
   c.data.tokenizer.max_sentences = 200_000  # lines sampled to train it
+  c.data.tokenizer.character_coverage = 0.9995  # in [0.98, 1]: share of characters given pieces (rest: bytes)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000                    # optimizer steps

@@ -9,7 +9,7 @@ layout from MESHES (hosts x GPUs per host); `python bench/memory.py` prints what
 """
 
 from configs import base
-from jaxllm.config import parse_arg
+from jaxllm.config import ConfigError, parse_arg
 
 # size -> (batch_size, seq_len, learning_rate, steps, dtype)
 RECIPES = {
@@ -40,6 +40,8 @@ GPUS = {"1": 1, "8": 8, "4x8": 32, "16x8": 128}
 
 def get_config(arg=None):
   arg = parse_arg(arg, size="tiny", gpus="")
+  if arg.size not in RECIPES:
+    raise ConfigError(f"config arg size={arg.size!r} has no recipe; one of {', '.join(RECIPES)}")
   c = base.get_config(arg.size)
   batch, seq, lr, steps, dtype = RECIPES[arg.size]
   c.train.batch_size = batch              # sequences per step

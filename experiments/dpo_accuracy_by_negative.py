@@ -12,8 +12,9 @@ import os
 import jax
 import numpy as np
 
-from jaxllm import generate, objectives
+from jaxllm import runs
 from jaxllm.data import preference, sft
+from jaxllm.tasks.preference import pair_logps
 
 
 def main():
@@ -24,17 +25,17 @@ def main():
   with open(os.path.join(args.workdir, "config.json")) as f:
     config = json.load(f)
   d, seq_len, kind = config["data"], config["train"]["seq_len"], config["dpo"]["kind"]
-  cfg, policy, tok = generate.load_run(args.workdir)
-  _, ref, _ = generate.load_run(config["init_from"])
+  cfg, policy, tok = runs.load_run(args.workdir)
+  _, ref, _ = runs.load_run(config["init_from"])
   hard = d["hard_fraction"] if args.hard_fraction is None else args.hard_fraction
   pairs = preference.pairs(d["sources"], "validation", validation_fraction=d["validation_fraction"],
                            seed=config["seed"], hard_fraction=hard)
-  logps = jax.jit(lambda params, batch: objectives.pair_logps(cfg, kind, params, batch))
+  logps = jax.jit(lambda params, batch: pair_logps(cfg, kind, params, batch))
   wins, batch_size = collections.defaultdict(list), 16
   for start in range(0, len(pairs), batch_size):
     rows = [(i, preference.make_pair_example(pairs[i], tok, seq_len=seq_len, overlong=d["overlong"]))
             for i in range(start, min(start + batch_size, len(pairs)))]
-    rows = [(i, r) for i, r in rows if r["status"] in (sft._KEPT, sft._TRUNCATED)]
+    rows = [(i, r) for i, r in rows if r["status"] in (sft.KEPT, sft.TRUNCATED)]
     padded = [r for _, r in rows] + [rows[0][1]] * (batch_size - len(rows))  # one compiled shape
     batch = {k: np.stack([r[k] for r in padded]) for k in padded[0] if k not in ("status", "pair_index")}
     (pc, pr), (rc, rr) = jax.device_get(logps(policy, batch)), jax.device_get(logps(ref, batch))

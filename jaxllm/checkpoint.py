@@ -111,76 +111,39 @@ class Checkpointer:
     self.manager.reload()
 
 
-def resolve_run(path: str) -> tuple[str, int]:
-  """(run directory, step) of `init_from`: a run's workdir (its newest checkpoint), one of its checkpoints
-  (`.../checkpoints/N`), or a Hugging Face model directory (step 0; see jaxllm/hf.py)."""
-  path = os.path.abspath(path)
-  if _is_hf(path):
-    return path, 0
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    step = ocp.CheckpointManager(os.path.join(path, "checkpoints")).latest_step()
-    if step is None:
-      raise FileNotFoundError(f"init_from: {path}/checkpoints holds no finished checkpoint")
-    return path, step
-  parent, name = os.path.split(path)
-  if os.path.basename(parent) == "checkpoints" and name.isdigit() and os.path.isdir(path):
-    return os.path.dirname(parent), int(name)
-  raise FileNotFoundError(f"init_from: {path!r} is neither a run directory (with checkpoints/), a checkpoint "
-                          "directory (.../checkpoints/N), nor a Hugging Face model directory (config.json)")
+def latest_step(directory: str) -> int | None:
+  """The newest committed step in a checkpoint directory (None if it holds none)."""
+  return ocp.CheckpointManager(os.path.abspath(directory)).latest_step()
 
 
-def _is_hf(path: str) -> bool:
-  from jaxllm import hf
-  return hf.is_hf_dir(path)
+def commit_time(directory: str, step: int) -> int | None:
+  """When checkpoint `step` was committed (orbax's nanosecond timestamp), or None if it was not recorded."""
+  meta_path = os.path.join(directory, str(step), "_CHECKPOINT_METADATA")
+  if not os.path.exists(meta_path):
+    return None
+  with open(meta_path) as f:
+    return json.load(f).get("commit_timestamp_nsecs")
 
 
-def location(run_dir: str, step: int) -> str:
-  """Where a resolved init_from lives, for messages: a run's checkpoint directory, or a Hugging Face model's."""
-  return f"{run_dir} (Hugging Face model)" if _is_hf(run_dir) else f"{run_dir}/checkpoints/{step}"
-
-
-def identity(run_dir: str, step: int) -> str:
-  """Names one checkpoint exactly: its run, step and commit time (a run retrained in place gets a new one)."""
-  if _is_hf(run_dir):
-    from jaxllm import hf
-    return hf.identity(run_dir)
-  meta_path = os.path.join(run_dir, "checkpoints", str(step), "_CHECKPOINT_METADATA")
-  committed = None
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      committed = json.load(f).get("commit_timestamp_nsecs")
-  return f"{os.path.abspath(run_dir)}/checkpoints/{step}@{committed}"
-
-
-def load_params(run_dir: str, step: int):
-  """The model params of a run's checkpoint, as host arrays (the caller places them on its mesh). A LoRA run's
-  checkpoint holds only its delta: it is put back on the run's own base (its init_from), recursively. A Hugging
-  Face directory's params are read from its safetensors."""
-  if _is_hf(run_dir):
-    from jaxllm import hf
-    return hf.load(run_dir)[1]
-  params = restore_params(run_dir, step)
-  config_path = os.path.join(run_dir, "config.json")
-  lora_config = json.load(open(config_path)).get("lora", {}) if os.path.exists(config_path) else {}
-  if not lora_config.get("enabled"):
-    return params
-  from jaxllm import lora
-  return lora.merge(load_params(*lora_base(run_dir)), lora.from_saved(params, lora_config))
-
-
-def lora_base(run_dir: str) -> tuple[str, int]:
-  """(run directory, step) of the params a LoRA run's delta applies to: its init_from, or, when it continued
-  the delta of another LoRA run (lora.continue_delta), that run's base, recursively."""
-  with open(os.path.join(run_dir, "config.json")) as f:
-    config = json.load(f)
-  source = resolve_run(config["init_from"])
-  return lora_base(source[0]) if config.get("lora", {}).get("continue_delta") else source
-
-
-def restore_params(run_dir: str, step: int):
-  """The params as saved in a run's checkpoint (a LoRA run's: its delta, {"a", "b"} dicts), host arrays."""
-  manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"))
+def restore_params(directory: str, step: int):
+  """The params as saved in checkpoint `step` of `directory` (a LoRA run's: its delta, {"a", "b"} dicts), host
+  arrays."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
   return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+
+
+def restore_params_to(directory: str, step: int, abstract_params, sharding):
+  """Only the params of checkpoint `step` (the optimizer state stays on disk), as arrays of `abstract_params`'
+  shapes placed with `sharding`, whatever mesh saved them."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f"{directory}: no checkpoint {step} (steps: {sorted(manager.all_steps())})")
+  target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                                   abstract_params)}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+  manager.close()
+  return restored["state"]["params"]
 
 
 def abstract_with_shardings(abstract_tree, shardings):

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 
+import jax
 import ml_collections
 
-from jaxllm import model as model_lib
+from jaxllm import model as model_lib, peft, tasks
+from jaxllm.errors import ConfigError
 
-STAGES = ("pretrain", "sft", "dpo")
-OVERLONG = ("truncate", "drop")
 SCHEDULES = ("cosine", "wsd", "constant")
 NAN_POLICIES = ("abort", "skip")
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message starts with the key."""
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -68,40 +65,10 @@ def resolve_model(config, vocab_size: int) -> model_lib.ModelConfig:
     raise ConfigError(str(e)) from e
 
 
-def model_from_run(config, run_dir: str) -> model_lib.ModelConfig:
-  """The ModelConfig of the run `init_from` names (its config.json, or a Hugging Face config.json), with this
-  config's compute choices (dtype, scan, remat). Shapes set in this config must agree with it."""
-  import json
-  import os
-
-  from jaxllm import hf
-
-  with open(os.path.join(run_dir, "config.json")) as f:
-    fields = json.load(f)
-  if hf.is_hf_dir(run_dir):
-    window = hf.sliding_window(fields)
-    _check(not window or config.train.seq_len <= window, "train.seq_len",
-           f"{config.train.seq_len} is longer than the sliding attention window ({window}) of {run_dir}; jaxllm "
-           "attends to the whole sequence, which is the same model only up to the window")
-    try:
-      fields = dataclasses.asdict(hf.model_config(fields, os.path.join(run_dir, "config.json")))
-    except ValueError as e:
-      raise ConfigError(f"init_from: {e}") from e
-  else:
-    fields = fields["model"]
-  fields = {k: v for k, v in fields.items() if k in {f.name for f in dataclasses.fields(model_lib.ModelConfig)}}
-  for key, value in model_overrides(config).items():
-    if key in ("dtype", "scan_layers", "remat_policy"):
-      fields[key] = value
-    elif value is not None and value != fields[key]:
-      raise ConfigError(f"model.{key}: {value} differs from {fields[key]} in the run init_from names ({run_dir})")
-  return model_lib.ModelConfig(**fields)
-
-
 def validate(config, num_devices: int | None = None):
   """Checks a resolved config; raises ConfigError naming the key. Cheap: compiles nothing."""
   c = config
-  _check(c.stage in STAGES, "stage", f"{c.stage!r} is not one of {STAGES}")
+  _check(c.stage in tasks.STAGES, "stage", f"{c.stage!r} is not one of {tasks.STAGES}")
   _check(c.model.size in model_lib.PRESETS, "model.size",
          f"{c.model.size!r} is not a preset; choose from {sorted(model_lib.PRESETS)}")
   fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
@@ -138,44 +105,18 @@ def validate(config, num_devices: int | None = None):
   _check(c.data.on_bad_record in ("error", "skip"), "data.on_bad_record",
          f"{c.data.on_bad_record!r} is not one of ('error', 'skip')")
   _check(0 <= c.data.max_bad_fraction <= 1, "data.max_bad_fraction", f"{c.data.max_bad_fraction} must be in [0, 1]")
-  _check(0 < c.data.validation_fraction < 1, "data.validation_fraction",
-         f"{c.data.validation_fraction} must be in (0, 1)")
+  _check(0 <= c.data.validation_fraction < 1, "data.validation_fraction",
+         f"{c.data.validation_fraction} must be in [0, 1) (0 = no validation)")
   if c.init_from:
-    import os
     _check(os.path.exists(c.init_from), "init_from", f"no such run or checkpoint: {c.init_from!r}")
-  if c.lora.enabled:
-    _check(bool(c.init_from), "lora.enabled", "a LoRA delta needs a base: set init_from to a trained run")
-    _check(c.lora.rank > 0, "lora.rank", f"must be > 0, got {c.lora.rank}")
-    _check(c.lora.alpha > 0, "lora.alpha", f"must be > 0, got {c.lora.alpha}")
-    _check(0 <= c.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {c.lora.dropout}")
-    _check(not (c.lora.continue_delta and c.stage == "dpo"), "lora.continue_delta",
-           "DPO's reference is the LoRA base without a delta, which a continued delta does not start from; start "
-           "DPO from the merged model instead (lora.continue_delta=False)")
-    _check(not (c.lora.merged and c.lora.dropout), "lora.dropout",
-           "dropout acts on the A·B path's input, which lora.merged=True does not compute; set lora.merged=False")
-    from jaxllm import lora
-    try:
-      lora.resolve_targets(c.lora.targets)
-    except ValueError as e:
-      raise ConfigError(str(e)) from e
-  if c.stage == "dpo":
-    from jaxllm import losses
-    _check(bool(c.init_from), "init_from", "DPO starts from a trained model (usually the SFT run)")
-    _check(c.dpo.kind in losses.DPO_KINDS, "dpo.kind", f"{c.dpo.kind!r} is not one of {losses.DPO_KINDS}")
-    _check(c.dpo.beta > 0, "dpo.beta", f"must be > 0, got {c.dpo.beta}")
-    _check(0 <= c.dpo.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {c.dpo.label_smoothing}")
-  if c.stage == "sft":
-    _check("prompt_loss_weight" in c.data and 0 <= c.data.prompt_loss_weight <= 1, "data.prompt_loss_weight",
-           "must be in [0, 1] (0 = loss on answers only, 1 = on every token)")
-  if c.stage in ("sft", "dpo"):
-    _check(c.data.get("overlong") in OVERLONG, "data.overlong", f"{c.data.get('overlong')!r} is not one of {OVERLONG}")
+  task = tasks.TASKS[c.stage]
+  task.validate(c)
+  peft.validate(c, needs_reference=task(c).needs_reference)
   validate_mesh(c, num_devices)
 
 
 def validate_mesh(config, num_devices: int | None):
   """Mesh axes must multiply to the device count and the batch must divide over the data-parallel axes."""
-  import jax  # local: validating the rest of the config must not initialise a backend
-
   m = config.mesh
   n = num_devices or jax.device_count()
   sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.tensor": m.tensor}

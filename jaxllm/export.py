@@ -1,12 +1,15 @@
-"""Write a LoRA run's merged model (base + delta) as a full run directory that init_from, generate and other
-tools read like any pretraining or SFT run.
+"""A run's model written out, and a model brought in as a run: the one place where runs meet other formats.
 
-  python -m jaxllm.export --workdir runs/sft_lora --out runs/sft_lora_merged [--step N]
+  jaxllm export --workdir runs/sft_lora --out runs/sft_lora_merged [--step N]     # a full jaxllm run directory
+  jaxllm hf export --workdir RUN --out DIR [--max-shard-size 2GB] [--dtype bfloat16] [--peft]
+  jaxllm hf import --hf DIR --out RUN_DIR                                          # a checkpoint at step 0
+
+A LoRA run is written merged (base + delta), or with --peft as its delta alone in PEFT's adapter layout.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -14,35 +17,112 @@ import shutil
 import jax
 import jax.numpy as jnp
 
-from jaxllm import checkpoint
+from jaxllm import checkpoint, hf, runs
+from jaxllm.data.tokenizer import Tokenizer
+from jaxllm.errors import ConfigError
 
 
-def export_merged(workdir: str, out: str, step: int | None = None) -> str:
-  run_dir, step = checkpoint.resolve_run(workdir if step is None else os.path.join(workdir, "checkpoints", str(step)))
-  params = jax.tree.map(jnp.asarray, checkpoint.load_params(run_dir, step))  # merged if it is a LoRA run
+def _new_dir(out: str):
   if os.path.exists(out):
     raise FileExistsError(f"--out {out!r} exists; choose a new directory")
   os.makedirs(out)
-  with open(os.path.join(run_dir, "config.json")) as f:
-    config = json.load(f)
-  config["lora"]["enabled"], config["exported_from"] = False, checkpoint.identity(run_dir, step)
-  with open(os.path.join(out, "config.json"), "w") as f:
+
+
+def _save_run(out: str, config: dict, step: int, params, meta: dict):
+  with open(os.path.join(out, runs.CONFIG), "w") as f:
     json.dump(config, f, indent=2)
-  shutil.copy(os.path.join(run_dir, "tokenizer.model"), os.path.join(out, "tokenizer.model"))
-  ckpt = checkpoint.Checkpointer(os.path.join(out, "checkpoints"), keep=1, async_save=False)
-  ckpt.save(step, {"params": params}, meta={"exported_from": config["exported_from"]})
+  ckpt = checkpoint.Checkpointer(os.path.join(out, runs.CHECKPOINTS), keep=1, async_save=False)
+  ckpt.save(step, {"params": params}, meta=meta)
   ckpt.close()
+
+
+def _resolve(workdir: str, step: int | None) -> tuple[str, int]:
+  return runs.resolve(workdir if step is None else os.path.join(workdir, runs.CHECKPOINTS, str(step)))
+
+
+def to_run(workdir: str, out: str, step: int | None = None) -> str:
+  """The run's model (a LoRA run: merged) as a full run directory (config, tokenizer, one checkpoint) that
+  init_from, generate and other tools read like any pretraining or SFT run."""
+  run_dir, step = _resolve(workdir, step)
+  params = jax.tree.map(jnp.asarray, runs.load_params(run_dir, step))
+  _new_dir(out)
+  config = runs.read_config(run_dir)
+  config["lora"]["enabled"], config["exported_from"] = False, runs.identity(run_dir, step)
+  shutil.copy(os.path.join(run_dir, runs.TOKENIZER), os.path.join(out, runs.TOKENIZER))
+  _save_run(out, config, step, params, {"exported_from": config["exported_from"]})
   return out
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m jaxllm.export", description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="a training run (LoRA or not)")
-  parser.add_argument("--out", required=True, help="the new run directory")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-  args = parser.parse_args(argv)
-  print(f"wrote {export_merged(args.workdir, args.out, args.step)}")
+def import_hf(hf_dir: str, out: str) -> str:
+  """A Hugging Face directory as a jaxllm run directory (config.json, checkpoints/0, tokenizer.model when the HF
+  directory has one)."""
+  cfg, params = hf.load(hf_dir)
+  _new_dir(out)
+  source = runs.identity(hf_dir, 0)
+  config = {"model": dataclasses.asdict(cfg), "init_from": "", "lora": {"enabled": False},
+            "imported_from": source, "hf_config": hf.read_config(hf_dir)}
+  if os.path.exists(os.path.join(hf_dir, runs.TOKENIZER)):
+    shutil.copy(os.path.join(hf_dir, runs.TOKENIZER), os.path.join(out, runs.TOKENIZER))
+  else:
+    print(f"note: {hf_dir} has no sentencepiece {runs.TOKENIZER}; training from {out} needs one there")
+  _save_run(out, config, 0, params, {"imported_from": source, "model": config["model"]})
+  return out
 
 
-if __name__ == "__main__":
-  main()
+def _hf_template(run_dir: str, depth: int = 0) -> dict:
+  """The Hugging Face config.json a run descends from (through init_from), or {}."""
+  config = runs.read_config(run_dir)
+  if "hf_config" in config or not config.get("init_from") or depth > 32:
+    return config.get("hf_config", {})
+  source = config["init_from"]
+  try:
+    return hf.read_config(source) if hf.is_hf_dir(source) else _hf_template(runs.resolve(source)[0], depth + 1)
+  except (FileNotFoundError, NotADirectoryError, ConfigError):
+    return {}
+
+
+def to_hf(workdir: str, out: str, *, step: int | None = None, max_shard_size="5GB", dtype="float32",
+          peft: bool = False) -> str:
+  """The run's model (a LoRA run: merged) as a Hugging Face directory with its tokenizer.model; `peft`: a LoRA
+  run's delta as a PEFT adapter instead."""
+  run_dir, step = _resolve(workdir, step)
+  if hf.is_hf_dir(run_dir):
+    raise ValueError(f"--workdir {workdir!r} is already a Hugging Face directory")
+  if os.path.exists(out):
+    raise FileExistsError(f"--out {out!r} exists; choose a new directory")
+  cfg = runs.model_config(run_dir)
+  if peft:
+    return to_peft(run_dir, step, out)
+  template = _hf_template(run_dir)
+  tokenizer_path = os.path.join(run_dir, runs.TOKENIZER)
+  if not template and os.path.exists(tokenizer_path):
+    tok = Tokenizer.from_file(tokenizer_path)
+    template = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+  hf.save(out, cfg, runs.load_params(run_dir, step), max_shard_size=max_shard_size, dtype=dtype, hf_config=template)
+  if os.path.exists(tokenizer_path):
+    shutil.copy(tokenizer_path, os.path.join(out, runs.TOKENIZER))
+  return out
+
+
+def to_peft(run_dir: str, step: int, out: str) -> str:
+  """A LoRA run's delta as a PEFT adapter (hf.save_adapter), its base named by the run's init_from."""
+  lc = runs.lora_config(run_dir)
+  if not lc.get("enabled"):
+    raise ValueError(f"--peft: {run_dir} is not a LoRA run (its lora.enabled is false)")
+  base = runs.lora_base(run_dir)[0]  # the run's init_from (its base's, if it continued another's delta)
+  if hf.is_hf_dir(base):
+    base = os.path.abspath(base)
+  else:
+    print(f"note: the base {base!r} is a jaxllm run; export it too (python -m jaxllm.hf export --workdir {base} "
+          "--out BASE) and set base_model_name_or_path in adapter_config.json to BASE")
+  hf.save_adapter(out, runs.model_config(run_dir), runs.delta(run_dir, step), rank=lc["rank"], alpha=lc["alpha"],
+                  rslora=lc.get("rslora", False), base=base, dropout=lc.get("dropout", 0.0))
+  return out
+
+
+if __name__ == "__main__":  # python -m jaxllm.export: the `jaxllm export` command of jaxllm/cli.py
+  import runpy
+  import sys
+
+  sys.argv[1:1] = ["export"]
+  runpy.run_module("jaxllm.cli", run_name="__main__")

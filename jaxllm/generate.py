@@ -1,4 +1,4 @@
-"""Text generation with a KV cache, and a command line to sample from a run's checkpoint.
+"""Text generation with a KV cache (`jaxllm generate` samples from a run's checkpoint: jaxllm/cli.py).
 
   python -m jaxllm.generate --workdir runs/pretrain_tiny --prompt "def " --prompt "class " [--max_new_tokens 64
       --temperature 0.8 --top_k 40 --top_p 0.95 --seed 0 --step N --chat]
@@ -14,11 +14,7 @@ Shape letters: B batch, P prompt slots, N new tokens, V vocab.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -124,88 +120,9 @@ def generate(cfg: model_lib.ModelConfig, params, prompts: list[list[int]], *, ma
   return results
 
 
-def sample(cfg: model_lib.ModelConfig, params, prompts: list[list[int]], *, max_new_tokens: int, rng,
-           temperature: float = 1.0, top_k: int = 0, eos_id: int | None = None,
-           vocab_limit: int | None = None) -> list[list[int]]:
-  """`generate` stopping at `eos_id` (the signature train.py's end-of-run samples use)."""
-  return generate(cfg, params, prompts, max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
-                  top_k=top_k, stop_ids=() if eos_id is None else (eos_id,), vocab_limit=vocab_limit)
+if __name__ == "__main__":  # python -m jaxllm.generate: the `jaxllm generate` command of jaxllm/cli.py
+  import runpy
+  import sys
 
-
-# --------------------------------------------------------------------------------------- a run's weights
-
-
-def load_run(workdir: str, step: int | None = None):
-  """(model config, params, tokenizer) of a training run: config.json, tokenizer.model and the params of
-  checkpoint `step` (default: the newest) in workdir/checkpoints."""
-  import orbax.checkpoint as ocp
-
-  from jaxllm.data.tokenizer import Tokenizer
-
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = json.load(f)
-  model_fields = config["model"]
-  names = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
-  cfg = model_lib.ModelConfig(**{k: v for k, v in model_fields.items() if k in names})  # drops "size"
-  tokenizer = Tokenizer.from_file(os.path.join(workdir, "tokenizer.model"))
-
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint {'saved' if step is None else step} "
-                            f"(steps: {sorted(manager.all_steps())})")
-  # Only the params (the optimizer state stays on disk), onto one device whatever mesh saved them.
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  lora_config = config.get("lora", {})
-  if lora_config.get("enabled"):  # the checkpoint holds a LoRA delta: put it back on its base
-    from jaxllm import checkpoint, lora
-    abstract = jax.eval_shape(lambda: lora.init(
-        model_lib.abstract_params(cfg), rank=lora_config["rank"], alpha=lora_config["alpha"],
-        targets=lora_config["targets"], rng=jax.random.key(0), rslora=lora_config["rslora"]))
-  else:
-    abstract = model_lib.abstract_params(cfg)
-  target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-  manager.close()
-  params = restored["state"]["params"]
-  if lora_config.get("enabled"):
-    params = lora.merge(checkpoint.load_params(*checkpoint.lora_base(workdir)), params)
-  return cfg, params, tokenizer
-
-
-# ------------------------------------------------------------------------------------------ command line
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m jaxllm.generate", description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="a training run's directory")
-  parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-  parser.add_argument("--max_new_tokens", type=int, default=64)
-  parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-  parser.add_argument("--top_k", type=int, default=40, help="0 = no top-k filter")
-  parser.add_argument("--top_p", type=float, default=0.95, help="1 = no nucleus filter")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
-  args = parser.parse_args(argv)
-
-  cfg, params, tokenizer = load_run(args.workdir, args.step)
-  stop_ids = [tokenizer.eos_id]
-  if args.chat:
-    from jaxllm.data import chat
-    ids = [chat.render_prompt([{"role": "user", "content": p}], tokenizer) for p in args.prompt]
-    stop_ids.append(tokenizer.token_id(chat.DEFAULT_TEMPLATE.end))
-  else:
-    ids = [tokenizer.encode(p) for p in args.prompt]
-  outs = generate(cfg, params, ids, max_new_tokens=args.max_new_tokens, rng=jax.random.key(args.seed),
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stop_ids,
-                  vocab_limit=tokenizer.vocab_size)
-  for i, (prompt, out) in enumerate(zip(args.prompt, outs)):
-    text = tokenizer.decode(out[:-1] if out and out[-1] in stop_ids else out)
-    print(f"--- {i}: user ---\n{prompt}\n--- {i}: assistant ---\n{text}" if args.chat else f"--- {i} ---\n{prompt}{text}",
-          flush=True)
-
-
-if __name__ == "__main__":
-  main()
+  sys.argv[1:1] = ["generate"]
+  runpy.run_module("jaxllm.cli", run_name="__main__")

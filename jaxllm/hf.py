@@ -3,11 +3,10 @@
   cfg, params = hf.load("models/Llama-3.2-1B")          # float32 numpy params (scanned layers)
   hf.save("out/", cfg, params, max_shard_size="2GB")    # config.json + model.safetensors (or shards + index)
 
-  python -m jaxllm.hf import --hf DIR --out RUN_DIR     # a jaxllm run directory (a checkpoint at step 0)
-  python -m jaxllm.hf export --workdir RUN --out DIR [--max-shard-size 2GB] [--dtype bfloat16] [--peft]
+  hf.save_adapter("out/", cfg, delta, rank=8, alpha=16)  # a LoRA delta as a PEFT adapter
 
-`init_from` may name a Hugging Face directory directly: checkpoint.resolve_run / identity / load_params,
-config.model_from_run and the tokenizer loader recognise one (`is_hf_dir`) and come here.
+Format conversion only: what a run directory is, and how a run becomes an HF directory or an HF directory a
+run (`python -m jaxllm.hf import|export`), live in jaxllm/runs.py and jaxllm/export.py.
 
 Weights. An HF Linear weight is [out, in]; a jaxllm kernel is [in dims..., out dims...] (q [D, H, E], o [H, E, D]),
 so a kernel is flattened to [in, out] and transposed ("T1"/"T2": one or two input dims). Under model.layers.{i}.:
@@ -24,19 +23,15 @@ the same for sequences up to the window (init_from refuses a longer train.seq_le
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
 import json
 import math
 import os
-import shutil
 import warnings
 
 import jax
 import numpy as np
 
-from jaxllm import model as model_lib
+from jaxllm import lora, model as model_lib
 from jaxllm import safetensors_io as st
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -260,130 +255,6 @@ def save(path: str, model_config: model_lib.ModelConfig, params, *, max_shard_si
   return files
 
 
-# ---------------------------------------------------------------------------------------------- init_from
-
-
-def identity(path: str) -> str:
-  """Names an HF directory's weights: its path and a hash of its files' names, sizes and modification times."""
-  h = hashlib.sha256()
-  for name in sorted(os.listdir(path)):
-    if name == "config.json" or ".safetensors" in name:
-      s = os.stat(os.path.join(path, name))
-      h.update(f"{name}:{s.st_size}:{s.st_mtime_ns};".encode())
-  return f"{os.path.abspath(path)}@hf:{h.hexdigest()[:16]}"
-
-
-def tokenizer_file(directory: str) -> str:
-  """The sentencepiece tokenizer.model of an init_from directory (a run, or an HF directory). Refuses, naming
-  init_from, one that is missing or that has more pieces than the embedding has rows (more rows is fine)."""
-  from jaxllm.config import ConfigError
-  from jaxllm.data.tokenizer import Tokenizer
-
-  path = os.path.join(directory, "tokenizer.model")
-  if not os.path.exists(path):
-    has = [n for n in ("tokenizer.json", "vocab.json", "merges.txt") if os.path.exists(os.path.join(directory, n))]
-    raise ConfigError(f"init_from: {directory} has no sentencepiece tokenizer.model"
-                      + (f" (only {', '.join(has)})" if has else "")
-                      + "; jaxllm reads sentencepiece tokenizers only: add the model's tokenizer.model")
-  config = read_config(directory)
-  rows = config["vocab_size"] if is_hf_dir(directory) else config.get("model", {}).get("vocab_size")
-  pieces = Tokenizer.from_file(path).vocab_size
-  if rows and pieces > rows:
-    raise ConfigError(f"init_from: {path} has {pieces} pieces, more than the {rows} rows of the model's "
-                      "embedding (vocab_size)")
-  return path
-
-
-# ---------------------------------------------------------------------------------------------- runs
-
-
-def import_run(hf_dir: str, out: str) -> str:
-  """A jaxllm run directory (config.json, checkpoints/0, tokenizer.model when the HF dir has one)."""
-  from jaxllm import checkpoint
-
-  cfg, params = load(hf_dir)
-  if os.path.exists(out):
-    raise FileExistsError(f"--out {out!r} exists; choose a new directory")
-  os.makedirs(out)
-  source = identity(hf_dir)
-  config = {"model": dataclasses.asdict(cfg), "init_from": "", "lora": {"enabled": False},
-            "imported_from": source, "hf_config": read_config(hf_dir)}
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  if os.path.exists(os.path.join(hf_dir, "tokenizer.model")):
-    shutil.copy(os.path.join(hf_dir, "tokenizer.model"), os.path.join(out, "tokenizer.model"))
-  else:
-    print(f"note: {hf_dir} has no sentencepiece tokenizer.model; training from {out} needs one there")
-  ckpt = checkpoint.Checkpointer(os.path.join(out, "checkpoints"), keep=1, async_save=False)
-  ckpt.save(0, {"params": params}, meta={"imported_from": source, "model": config["model"]})
-  ckpt.close()
-  return out
-
-
-def _source_config(run_dir: str, depth: int = 0) -> dict:
-  """The HF config.json a run descends from (through init_from), or {}."""
-  from jaxllm import checkpoint
-
-  with open(os.path.join(run_dir, "config.json")) as f:
-    config = json.load(f)
-  if "hf_config" in config or not config.get("init_from") or depth > 32:
-    return config.get("hf_config", {})
-  source = config["init_from"]
-  try:
-    return read_config(source) if is_hf_dir(source) else _source_config(checkpoint.resolve_run(source)[0], depth + 1)
-  except (FileNotFoundError, NotADirectoryError):
-    return {}
-
-
-def export_run(workdir: str, out: str, *, step: int | None = None, max_shard_size="5GB", dtype="float32",
-               peft: bool = False) -> str:
-  """Writes a run's model (a LoRA run: merged) as an HF directory, with its tokenizer.model; `peft`: a LoRA
-  run's delta as a PEFT adapter instead (export_adapter)."""
-  from jaxllm import checkpoint
-  from jaxllm.data.tokenizer import Tokenizer
-
-  run_dir, step = checkpoint.resolve_run(workdir if step is None else os.path.join(workdir, "checkpoints", str(step)))
-  if is_hf_dir(run_dir):
-    raise ValueError(f"--workdir {workdir!r} is already a Hugging Face directory")
-  if os.path.exists(out):
-    raise FileExistsError(f"--out {out!r} exists; choose a new directory")
-  with open(os.path.join(run_dir, "config.json")) as f:
-    config = json.load(f)
-  names = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
-  cfg = model_lib.ModelConfig(**{k: v for k, v in config["model"].items() if k in names})
-  if peft:
-    return export_adapter(run_dir, step, config, cfg, out)
-  template = _source_config(run_dir)
-  tokenizer_path = os.path.join(run_dir, "tokenizer.model")
-  if not template and os.path.exists(tokenizer_path):
-    tok = Tokenizer.from_file(tokenizer_path)
-    template = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-  save(out, cfg, checkpoint.load_params(run_dir, step), max_shard_size=max_shard_size, dtype=dtype,
-       hf_config=template)
-  if os.path.exists(tokenizer_path):
-    shutil.copy(tokenizer_path, os.path.join(out, "tokenizer.model"))
-  return out
-
-
-def export_adapter(run_dir: str, step: int, config: dict, cfg: model_lib.ModelConfig, out: str) -> str:
-  """A LoRA run's delta as a PEFT adapter (save_adapter), its base named by the run's init_from."""
-  from jaxllm import checkpoint, lora
-
-  lora_config = config.get("lora", {})
-  if not lora_config.get("enabled"):
-    raise ValueError(f"--peft: {run_dir} is not a LoRA run (its lora.enabled is false)")
-  base = checkpoint.lora_base(run_dir)[0]  # the run's init_from (its base's, if it continued another's delta)
-  if is_hf_dir(base):
-    base = os.path.abspath(base)
-  else:
-    print(f"note: the base {base!r} is a jaxllm run; export it too (python -m jaxllm.hf export --workdir {base} "
-          "--out BASE) and set base_model_name_or_path in adapter_config.json to BASE")
-  delta = lora.from_saved(checkpoint.restore_params(run_dir, step), lora_config)
-  save_adapter(out, cfg, delta, rank=lora_config["rank"], alpha=lora_config["alpha"],
-               rslora=lora_config.get("rslora", False), base=base, dropout=lora_config.get("dropout", 0.0))
-  return out
-
-
 def save_adapter(out: str, cfg: model_lib.ModelConfig, delta, *, rank: int, alpha: float, rslora: bool = False,
                  base: str = "", dropout: float = 0.0) -> list[str]:
   """A delta tree (lora.LoraWeight leaves, of a model of `cfg`) as a PEFT adapter in the new directory `out`:
@@ -391,8 +262,6 @@ def save_adapter(out: str, cfg: model_lib.ModelConfig, delta, *, rank: int, alph
   base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r] (an embedding:
   .lora_embedding_A [r, V], .lora_embedding_B [D, r]). PEFT's ΔW = (lora_alpha/r)·B·A (/√r: use_rslora) is
   then the delta's scale·(A·B)ᵀ. Returns the tensor names."""
-  from jaxllm import lora
-
   leaves = jax.tree_util.tree_leaves_with_path(delta, is_leaf=lambda x: isinstance(x, lora.LoraWeight))
   weights = {lora.path_str(path): lw for path, lw in leaves}
   if any(lw.scale != lora.scaling(rank, alpha, rslora) for lw in weights.values()):
@@ -425,27 +294,9 @@ def save_adapter(out: str, cfg: model_lib.ModelConfig, delta, *, rank: int, alph
   return [e.name for e in entries]
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m jaxllm.hf", description=__doc__.split("\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-  imp = sub.add_parser("import", help="an HF directory -> a jaxllm run directory")
-  imp.add_argument("--hf", required=True, help="a directory with config.json and *.safetensors")
-  imp.add_argument("--out", required=True, help="the new run directory")
-  exp = sub.add_parser("export", help="a jaxllm run -> an HF directory (or a PEFT adapter)")
-  exp.add_argument("--workdir", required=True, help="a training run (LoRA or not)")
-  exp.add_argument("--out", required=True, help="the new HF directory")
-  exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-  exp.add_argument("--max-shard-size", default="5GB", help="shard the safetensors past this size (2GB, 500MB)")
-  exp.add_argument("--dtype", default="float32", choices=DTYPES, help="tensor dtype (an adapter: float32)")
-  exp.add_argument("--peft", action="store_true", help="a LoRA run's delta as a PEFT adapter (default: merged)")
-  args = parser.parse_args(argv)
-  if args.command == "import":
-    out = import_run(args.hf, args.out)
-  else:
-    out = export_run(args.workdir, args.out, step=args.step, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                     peft=args.peft)
-  print(f"wrote {out}")
+if __name__ == "__main__":  # python -m jaxllm.hf: the `jaxllm hf` command of jaxllm/cli.py
+  import runpy
+  import sys
 
-
-if __name__ == "__main__":
-  main()
+  sys.argv[1:1] = ["hf"]
+  runpy.run_module("jaxllm.cli", run_name="__main__")

@@ -28,15 +28,14 @@ Two ways to run the model on base + delta, equal in value (tests/test_lora.py ch
             targeted weight (then dA, dB from it): as costly as full fine-tuning's.
   unmerged  apply(fn, base, delta, ...): the trees stay apart and each targeted module computes its output from
             its W and its factors. The backward pass never forms dL/dW (only thin [tokens, r] products), so a
-            step costs about 0.7-0.8x a full fine-tuning step. The model code is not edited: A and B ride in the
+            step costs less than a full fine-tuning step (bench/lora.py measures how much). The model code is not edited: A and B ride in the
             params tree next to the weight ("lora_a" = A, "lora_b" = s·B: nn.scan slices them per layer like the
             weight) and a flax method interceptor (nn.intercept_methods) computes the output of each module that
             holds them: a Projection (and the tied logits) as x·(W + s·A·B), the kernel merged on the fly, with a
             backward pass written out (_adapted_matmul: dx through the merged kernel, dA and dB from thin
             products); with dropout, and for an embedding lookup, as the module's own x·W plus s·(x·A)·B. The
             merged kernel is cheaper than the added low-rank term: it reads and writes an [in, out] matrix
-            rather than [tokens, ·] activations (on 2 CPU cores, the small preset's LoRA step 0.82x -> 0.77x of a
-            full step; bench/lora.py). This is the trainer's path.
+            rather than [tokens, ·] activations. This is the trainer's path.
 
 Dropout (unmerged path only). LoRA dropout drops the *input activations* of the A·B path, per token and feature:
 x·W + s·(drop(x)·A)·B, with an independent mask per module and per layer (a key per layer rides next to A and

@@ -6,6 +6,9 @@ data-parallel reduction divide by the total weight of the whole batch, exactly a
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -43,7 +46,6 @@ def sequence_logprobs(logits_BxTxV, targets_BxT, mask_BxT):
 # ------------------------------------------------------------------------------------- preference losses
 # B here is the number of (chosen, rejected) pairs; every *_logps argument is float [B].
 
-DPO_KINDS = ("sigmoid", "ipo", "simpo")
 
 
 def answer_lengths(mask_BxT):
@@ -57,6 +59,37 @@ def mean_sequence_logprobs(logits_BxTxV, targets_BxT, mask_BxT):
   return sequence_logprobs(logits_BxTxV, targets_BxT, mask_BxT) / jnp.maximum(answer_lengths(mask_BxT), 1e-8)
 
 
+def _sigmoid(margin_B, *, beta, label_smoothing, gamma):
+  """DPO (cDPO with label smoothing ε; SimPO's target margin γ): −(1 − ε)·log σ(h) − ε·log σ(−h), h = β·Δ − γ."""
+  h_B = beta * margin_B - gamma
+  return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h_B) - label_smoothing * jax.nn.log_sigmoid(-h_B)
+
+
+def _ipo(margin_B, *, beta, label_smoothing, gamma):
+  """IPO (Azar et al. 2023, eq. 17, with β as their τ; also TRL's convention): (Δ − 1/(2β))²."""
+  del label_smoothing, gamma
+  return (margin_B - 1.0 / (2.0 * beta)) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceLoss:
+  """One kind of preference loss: per-pair loss of the margin Δ, and what it compares."""
+  fn: Callable              # (margin_B, *, beta, label_smoothing, gamma) -> loss_B
+  needs_reference: bool     # Δ of log-ratios to a frozen reference (else of the policy's log-probs alone)
+  length_normalised: bool   # log-probs averaged over answer tokens (else summed)
+  label_smoothing: bool = True  # has a label-smoothed form
+  margin: bool = False      # takes a target margin γ
+
+
+# The kinds `dpo.kind` chooses from. A new kind is one entry here, its formula above, and a test.
+PREFERENCE_LOSSES = {
+    "sigmoid": PreferenceLoss(_sigmoid, needs_reference=True, length_normalised=False),
+    "ipo": PreferenceLoss(_ipo, needs_reference=True, length_normalised=False, label_smoothing=False),
+    "simpo": PreferenceLoss(_sigmoid, needs_reference=False, length_normalised=True, margin=True),
+}
+DPO_KINDS = tuple(PREFERENCE_LOSSES)
+
+
 def dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
                beta, kind="sigmoid", label_smoothing=0.0, gamma=0.0):
   """Per-pair losses and implicit rewards: (loss_B, chosen_rewards_B, rejected_rewards_B), float32.
@@ -68,32 +101,29 @@ def dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
              TRL divides the log-probs by the answer length for IPO; here the caller chooses what to pass.
     simpo    SimPO (Meng et al. 2024): pass length-normalised policy log-probs (`mean_sequence_logprobs`); no
              reference (its arguments are ignored and may be None).  h = β·(πc − πr) − γ, loss as sigmoid.
-  Rewards are β·(π − ref) (β·π for simpo). `gamma` is SimPO's target margin; label smoothing has no IPO form.
+  Rewards are β·(π − ref) (β·π without a reference). `gamma` is SimPO's target margin; label smoothing has no
+  IPO form. The kinds are the entries of PREFERENCE_LOSSES.
   """
-  if kind not in DPO_KINDS:
+  if kind not in PREFERENCE_LOSSES:
     raise ValueError(f"dpo kind must be one of {DPO_KINDS}, got {kind!r}")
+  spec = PREFERENCE_LOSSES[kind]
   if isinstance(beta, (int, float)) and beta <= 0:
     raise ValueError(f"dpo beta must be > 0, got {beta}")
   if not 0.0 <= label_smoothing <= 0.5:
     raise ValueError(f"dpo label_smoothing must be in [0, 0.5], got {label_smoothing}")
-  if kind == "ipo" and label_smoothing:
-    raise ValueError("dpo label_smoothing has no IPO form (use kind='sigmoid' for cDPO)")
-  if kind != "simpo" and gamma:
+  if label_smoothing and not spec.label_smoothing:
+    raise ValueError(f"dpo label_smoothing has no {kind} form (use kind='sigmoid' for cDPO)")
+  if gamma and not spec.margin:
     raise ValueError(f"dpo gamma is SimPO's target margin; kind {kind!r} has none")
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   pc_B, pr_B = f32(policy_chosen_logps), f32(policy_rejected_logps)
-  if kind == "simpo":
+  if not spec.needs_reference:
     chosen_B, rejected_B = pc_B, pr_B
   else:
     if ref_chosen_logps is None or ref_rejected_logps is None:
       raise ValueError(f"dpo kind {kind!r} needs the reference log-probs")
     chosen_B, rejected_B = pc_B - f32(ref_chosen_logps), pr_B - f32(ref_rejected_logps)
-  margin_B = chosen_B - rejected_B
-  if kind == "ipo":
-    loss_B = (margin_B - 1.0 / (2.0 * beta)) ** 2
-  else:
-    h_B = beta * margin_B - gamma
-    loss_B = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h_B) - label_smoothing * jax.nn.log_sigmoid(-h_B)
+  loss_B = spec.fn(chosen_B - rejected_B, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
   return loss_B, beta * chosen_B, beta * rejected_B
 
 

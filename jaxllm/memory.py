@@ -9,16 +9,14 @@ import functools
 import flax.linen as nn
 import jax
 
-from jaxllm import config as config_lib, objectives, optim, sharding
+from jaxllm import config as config_lib, optim, peft, sharding, step, tasks
 
 
 def state_bytes_per_device(config, model_cfg) -> dict[str, int]:
   """{'params', 'optimizer', 'grads'}: bytes one device holds under config.mesh and config.mesh.rules."""
-  from jaxllm import train  # the train state as the loop builds it
-
   tx = optim.optimizer(config.optimizer, config.train.steps)
-  init = functools.partial(train.init_state, init_trainable=objectives.make(model_cfg, config).init_trainable,
-                           tx=tx)
+  tuning = peft.make(config, model_cfg, tasks.make(config).needs_reference)
+  init = functools.partial(step.init_state, init_trainable=tuning.init_trainable, tx=tx)
   boxed = jax.eval_shape(init, jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
   abstract = nn.meta.unbox(boxed)

@@ -202,9 +202,8 @@ def cached_attention_mask(segment_ids_BxT, cache: KVCache):
 def flat_matmul(x, w, n: int = 1):
   """x · w contracting x's last `n` dims with w's first `n`, computed as one 2-D matmul [tokens, fan_in] @
   [fan_in, fan_out]. The same numbers as the einsum; but the weight gradient then contracts one dim (tokens)
-  rather than several (batch, length), which XLA:CPU runs through a full transpose of the output gradient (a
-  float32 train step of the small preset: 592 -> 704 tokens/s on 2 CPU cores, bench/train_step.py). On GPU
-  the reshapes are free bitcasts."""
+  rather than several (batch, length), which XLA:CPU runs through a full transpose of the output gradient
+  (bench/train_step.py measures the step). On GPU the reshapes are free bitcasts."""
   fan_in = math.prod(w.shape[:n])
   y = x.reshape(-1, fan_in) @ w.reshape(fan_in, -1)
   return y.reshape(*x.shape[:x.ndim - n], *w.shape[n:])

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from jaxllm.data import chat, loaders, preference, sft, sources, tokenizer as tokenizer_lib
+from jaxllm import tasks
+from jaxllm.data import chat, pipeline, preference, sft, sources, tokenizer as tokenizer_lib
 from tests.conftest import tiny_config
 from tests.test_sft_data import expected_example, unpack
 
@@ -114,12 +115,13 @@ def test_rows_from_a_lenient_source_are_exact(tmp_path):
   train, val = _read("sft", path, sources.BadRecords())
   convs = [train[i] for i in range(len(train))] + [val[i] for i in range(len(val))]
   tok = tokenizer_lib.train_tokenizer([m["content"] for c in convs for m in c], vocab_size=300)
-  seq_len, stats = 48, sft.SFTStats()
-  ds = sft.sft_dataset(convs, tok, seq_len=seq_len, batch_size=1, seed=0, shuffle=False, repeat=False, stats=stats)
-  batches = list(iter(ds))
+  seq_len = 48
+  it = iter(sft.sft_dataset(convs, tok, seq_len=seq_len, batch_size=1, seed=0, shuffle=False, repeat=False))
+  batches = list(it)
+  counts = pipeline.counters(it.get_state())
   got = unpack(batches, seq_len)  # checks the layout: no all-padding row, segments contiguous, padding masked
   assert sorted(got) == sorted(expected_example(tok, c, seq_len) for c in convs)
-  assert stats.truncated == 1 and stats.dropped == 0
+  assert counts["truncated"] == 1 and counts["dropped"] == 0
   assert all(b["loss_mask"].sum(axis=1).min() > 0 for b in batches)
 
 
@@ -128,14 +130,13 @@ def test_loaders_follow_the_config(tmp_path):
   _write(path, "pretrain")
   c = tiny_config(tmp_path, **{"data.sources": str(path), "data.validation_fraction": 0.2})
   with pytest.raises(sources.DataError, match="data.jsonl:3: invalid JSON"):
-    loaders.load_sources(c)
+    tasks.make(c).sources()
   c.data.on_bad_record, c.data.max_bad_fraction = "skip", 0.1
-  bad = sources.BadRecords()
-  train, _ = loaders.load_sources(c, bad)
+  train, _, bad = tasks.make(c).sources()
   assert len(bad.bad) == 4 and len(train) > 0
   c.data.max_bad_fraction = 0.01
   with pytest.raises(sources.DataError, match="4 of 44 records are bad"):
-    loaders.load_sources(c)
+    tasks.make(c).sources()
 
 
 def test_a_lenient_run_logs_the_counts(tmp_path):

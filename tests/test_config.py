@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("model.dtype", "int8", "model.dtype"),
     ("stage", "rlhf", "stage"),
     ("data.tokenizer.vocab_size", 100, "data.tokenizer.vocab_size"),
-    ("data.validation_fraction", 0.0, "data.validation_fraction"),
+    ("data.validation_fraction", 1.0, "data.validation_fraction"),  # 0 is allowed: no validation
     ("mesh.data", 3, "mesh"),                              # 3 does not divide 1 device
     ("mesh.fsdp", 0, "mesh.fsdp"),
 ])

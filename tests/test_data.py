@@ -340,7 +340,8 @@ def test_source_errors_for_globs_and_empty_splits(tmp_path):
   with pytest.raises(sources.DataError, match="nothing/\\*.txt"):
     sources.documents(f"{tmp_path}/nothing/*.txt", "train")
   path = write(tmp_path / "one.txt", "only document")
-  with pytest.raises(sources.DataError, match="no documents in split 'validation'"):
-    sources.documents(path, "validation", validation_fraction=0.0)
+  with pytest.raises(sources.DataError, match="no documents in split 'validation'.*data.validation_fraction"):
+    sources.documents(path, "validation", validation_fraction=0.02)
+  assert len(sources.documents(path, "validation", validation_fraction=0.0)) == 0  # no validation
   with pytest.raises(ValueError, match="split"):
     sources.documents(path, "test")

@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxllm import checkpoint as ckpt_lib, config as config_lib, generate, model as model_lib, train
+from jaxllm import checkpoint as ckpt_lib, cli, config as config_lib, generate, model as model_lib, runs
+from jaxllm import step as step_lib
 from jaxllm.data.tokenizer import train_tokenizer
 from tests.conftest import tiny_config
 
@@ -169,11 +170,9 @@ def test_stop_ids_cut_the_output(scan_model, scan_greedy):
   for row, full in zip(got, greedy):
     want = full[: full.index(stop) + 1] if stop in full else full
     assert row == want
-  # every row stops at its first token (and the loop ends there); train.py's entry point cuts at eos_id alike
+  # every row stops at its first token (and the loop ends there)
   firsts = tuple({row[0] for row in greedy})
   assert _gen(model, stop_ids=firsts) == [[row[0]] for row in greedy]
-  assert generate.sample(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0), temperature=0.0,
-                         eos_id=stop) == got
 
 
 # ---------------------------------------------------------------------------- a training run's workdir
@@ -189,32 +188,32 @@ def workdir(corpus_dir, tmp_path_factory):
                               vocab_size=config.data.tokenizer.vocab_size)
   tokenizer.save(str(wd / "tokenizer.model"))
   model_cfg = config_lib.resolve_model(config, tokenizer.vocab_size)
-  (wd / "config.json").write_text(json.dumps(train.resolved_config_dict(config, model_cfg)))
+  (wd / "config.json").write_text(json.dumps(runs.resolved_config(config, model_cfg)))
   checkpointer = ckpt_lib.Checkpointer(str(wd / "checkpoints"), keep=2, async_save=False)
   for step in (1, 2):
     params = random_params(model_cfg, step)
-    state = train.init_state(None, init_trainable=lambda _: params, tx=optax.adamw(1e-3))
+    state = step_lib.init_state(None, init_trainable=lambda _: params, tx=optax.adamw(1e-3))
     checkpointer.save(step, state.replace(step=jnp.int32(step)), meta={"tokenizer_sha256": tokenizer.sha256})
   checkpointer.close()
   return str(wd)
 
 
 def test_load_run(workdir):
-  cfg, params, tokenizer = generate.load_run(workdir)
+  cfg, params, tokenizer = runs.load_run(workdir)
   assert (cfg.d_model, cfg.num_layers, cfg.num_kv_heads, cfg.vocab_size) == (32, 2, 1, tokenizer.vocab_size)
   shapes = jax.tree.map(lambda a: (a.shape, a.dtype), model_lib.abstract_params(cfg))
   assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == shapes
-  _, first, _ = generate.load_run(workdir, step=1)
+  _, first, _ = runs.load_run(workdir, step=1)
   assert any(float(jnp.max(jnp.abs(a - b))) > 0 for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(params)))
   with pytest.raises(FileNotFoundError, match="no checkpoint 7"):
-    generate.load_run(workdir, step=7)
+    runs.load_run(workdir, step=7)
 
 
 def test_cli_prints_what_generate_gives(workdir):
   """One subprocess: --chat greedy; its text is the in-process greedy answer to the chat-rendered prompt."""
   from jaxllm.data import chat  # the chat template (render_prompt, <|end|>)
 
-  cfg, params, tokenizer = generate.load_run(workdir)
+  cfg, params, tokenizer = runs.load_run(workdir)
   ids = chat.render_prompt([{"role": "user", "content": "the cat"}], tokenizer)
   stops = (tokenizer.eos_id, tokenizer.token_id("<|end|>"))
   out = generate.generate(cfg, params, [ids], max_new_tokens=6, rng=jax.random.key(0), temperature=0.0,
@@ -232,12 +231,12 @@ def test_cli_prints_what_generate_gives(workdir):
 
 
 def test_cli_plain_prompts(workdir, capsys):
-  cfg, params, tokenizer = generate.load_run(workdir)
+  cfg, params, tokenizer = runs.load_run(workdir)
   prompts = ["the cat", "a small bird sees the"]
   outs = generate.generate(cfg, params, [tokenizer.encode(p) for p in prompts], max_new_tokens=5,
                            rng=jax.random.key(0), temperature=0.0, stop_ids=(tokenizer.eos_id,),
                            vocab_limit=tokenizer.vocab_size)
-  generate.main(["--workdir", workdir, "--prompt", prompts[0], "--prompt", prompts[1], "--max_new_tokens", "5",
+  cli.main(["generate", "--workdir", workdir, "--prompt", prompts[0], "--prompt", prompts[1], "--max_new_tokens", "5",
                  "--temperature", "0"])
   want = "".join(f"--- {i} ---\n{p}{tokenizer.decode([t for t in o if t != tokenizer.eos_id])}\n"
                  for i, (p, o) in enumerate(zip(prompts, outs)))

@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxllm import checkpoint, config as config_lib, hf, lora, model
+from jaxllm import cli, config as config_lib, export, hf, lora, model, runs
 from jaxllm import safetensors_io as st
 from jaxllm.data.tokenizer import train_tokenizer
 from tests.conftest import tiny_config
@@ -271,17 +271,17 @@ def hf_dir_for_tiny_config(path, tokenizer, vocab_size=384, **hf_config):
 def test_init_from_a_hugging_face_directory_hooks(tmp_path, corpus_dir, tokenizer_320):
   d = tmp_path / "hf"
   cfg, params = hf_dir_for_tiny_config(d, tokenizer_320)
-  run_dir, step = checkpoint.resolve_run(str(d))
+  run_dir, step = runs.resolve(str(d))
   assert (run_dir, step) == (str(d), 0) and hf.is_hf_dir(str(d))
-  ident = checkpoint.identity(run_dir, step)
+  ident = runs.identity(run_dir, step)
   assert ident.startswith(f"{d}@hf:")
-  assert_trees_equal(checkpoint.load_params(run_dir, step), params)
+  assert_trees_equal(runs.load_params(run_dir, step), params)
   config = tiny_config(corpus_dir, init_from=str(d), **{"model.dtype": "bfloat16"})
-  assert config_lib.model_from_run(config, run_dir) == dataclasses.replace(
+  assert runs.model_for(config, run_dir, 0) == dataclasses.replace(
       cfg, dtype="bfloat16", remat_policy=config.model.remat_policy, scan_layers=config.model.scan_layers)
-  assert hf.tokenizer_file(str(d)) == str(d / "tokenizer.model")
+  assert runs.tokenizer_file(str(d)) == str(d / "tokenizer.model")
   os.utime(d / "model.safetensors", ns=(1, 1))  # changed weights get a new identity
-  assert checkpoint.identity(run_dir, step) != ident
+  assert runs.identity(run_dir, step) != ident
 
 
 def test_init_from_refusals(tmp_path, corpus_dir, tokenizer_320):
@@ -289,32 +289,32 @@ def test_init_from_refusals(tmp_path, corpus_dir, tokenizer_320):
   hf_dir_for_tiny_config(d, None)
   (d / "tokenizer.json").write_text("{}")
   with pytest.raises(config_lib.ConfigError, match="init_from: .* no sentencepiece tokenizer.model .*tokenizer.json"):
-    hf.tokenizer_file(str(d))
-  hf.main(["import", "--hf", str(d), "--out", str(tmp_path / "imported")])  # a run without a tokenizer either
+    runs.tokenizer_file(str(d))
+  assert cli.main(["hf", "import", "--hf", str(d), "--out", str(tmp_path / "imported")]) == 0  # a run without a tokenizer either
   with pytest.raises(config_lib.ConfigError, match="init_from: .*imported has no sentencepiece tokenizer.model"):
-    hf.tokenizer_file(str(tmp_path / "imported"))
+    runs.tokenizer_file(str(tmp_path / "imported"))
   d = tmp_path / "small_embedding"
   hf_dir_for_tiny_config(d, tokenizer_320, vocab_size=300)
   with pytest.raises(config_lib.ConfigError, match="has 320 pieces, more than the 300 rows"):
-    hf.tokenizer_file(str(d))
+    runs.tokenizer_file(str(d))
   d = tmp_path / "mistral"
   hf_dir_for_tiny_config(d, tokenizer_320, model_type="mistral", sliding_window=16)
   assert json.load(open(d / "config.json"))["model_type"] == "mistral"
   with pytest.raises(config_lib.ConfigError, match="train.seq_len: 32 is longer than the sliding attention window"):
-    config_lib.model_from_run(tiny_config(corpus_dir, init_from=str(d)), str(d))
+    runs.model_for(tiny_config(corpus_dir, init_from=str(d)), str(d), 0)
   with pytest.warns(UserWarning, match="sliding-window attention of 16 tokens"):
     hf.load(str(d))
-  config_lib.model_from_run(tiny_config(corpus_dir, init_from=str(d), **{"train.seq_len": 16}), str(d))
+  runs.model_for(tiny_config(corpus_dir, init_from=str(d), **{"train.seq_len": 16}), str(d), 0)
 
 
 def test_cli_import_then_export_gives_back_the_same_files(tmp_path, tokenizer_320):
   src = tmp_path / "src"
   cfg, params = hf_dir_for_tiny_config(src, tokenizer_320, model_type="mistral", sliding_window=None,
                                        max_position_embeddings=4096, bos_token_id=2)
-  hf.main(["import", "--hf", str(src), "--out", str(tmp_path / "run")])
+  assert cli.main(["hf", "import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
   assert open(tmp_path / "run" / "tokenizer.model", "rb").read() == open(src / "tokenizer.model", "rb").read()
-  assert_trees_equal(checkpoint.load_params(*checkpoint.resolve_run(str(tmp_path / "run"))), params)
-  hf.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "back"), "--max-shard-size", "30KB"])
+  assert_trees_equal(runs.load_params(*runs.resolve(str(tmp_path / "run"))), params)
+  assert cli.main(["hf", "export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "back"), "--max-shard-size", "30KB"]) == 0
   back = json.load(open(tmp_path / "back" / "config.json"))
   assert (back["model_type"], back["max_position_embeddings"], back["bos_token_id"]) == ("mistral", 4096, 2)
   assert os.path.exists(tmp_path / "back" / "model.safetensors.index.json")
@@ -378,19 +378,20 @@ def test_lora_from_a_hugging_face_directory_then_export(tmp_path, corpus_dir, to
   assert f"initialized from {d} (Hugging Face model) (frozen base of a LoRA delta)" in capsys.readouterr().out
   assert open(os.path.join(run, "tokenizer.model"), "rb").read() == tokenizer_320.model_bytes
   run_config = json.load(open(os.path.join(run, "config.json")))
-  delta = lora.from_saved(checkpoint.restore_params(run, 2), run_config["lora"])
+  delta = lora.from_saved(runs.saved_params(run, 2), run_config["lora"])
   merged = lora.merge(params, delta)
-  hf.main(["export", "--workdir", run, "--out", str(tmp_path / "merged")])
+  assert cli.main(["hf", "export", "--workdir", run, "--out", str(tmp_path / "merged")]) == 0
   cfg2, exported = hf.load(str(tmp_path / "merged"))
   assert cfg2 == cfg and os.path.exists(tmp_path / "merged" / "tokenizer.model")
   for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(merged)):
     np.testing.assert_allclose(x, y, atol=1e-6)
   assert not np.allclose(exported["layers"]["attn"]["q"]["kernel"], params["layers"]["attn"]["q"]["kernel"])
-  hf.main(["export", "--workdir", run, "--out", str(tmp_path / "adapter"), "--peft"])
+  assert cli.main(["hf", "export", "--workdir", run, "--out", str(tmp_path / "adapter"), "--peft"]) == 0
   adapter = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
   assert adapter["base_model_name_or_path"] == str(d) and adapter["r"] == config.lora.rank
+  imported = export.import_hf(str(d), str(tmp_path / "imported"))
   with pytest.raises(ValueError, match="not a LoRA run"):
-    hf.export_adapter(run, 2, {**run_config, "lora": {"enabled": False}}, cfg, str(tmp_path / "x"))
+    export.to_peft(imported, 0, str(tmp_path / "x"))
 
 
 # ------------------------------------------------------------------------------------------ transformers

@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxllm import config as config_lib, generate, lora, metrics as metrics_lib, train
+from jaxllm import config as config_lib, export, generate, lora, metrics as metrics_lib, runs, tasks, train
 from tests.conftest import sft_config, tiny_config
 
 
@@ -56,14 +56,13 @@ def test_lora_sft_trains_and_saves_only_the_delta(lora_sft_run, pretrained, tmp_
   n = lambda tree: sum(np.asarray(x).size for x in jax.tree.leaves(tree))
   assert n(saved) < 0.25 * n(full)  # D=32 is tiny; the small preset's share is tested in test_lora.py
   # A LoRA run's checkpoint names its base; load_run puts the delta back on it.
-  cfg, params, tok = generate.load_run(workdir)
+  cfg, params, tok = runs.load_run(workdir)
   assert jax.tree.structure(params) == jax.tree.structure(full)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full)))
   # init_from a LoRA run reads its merged model; export writes that model as a full run
-  from jaxllm import checkpoint, export
-  as_init = checkpoint.load_params(*checkpoint.resolve_run(workdir))
-  out = export.export_merged(workdir, str(tmp_path / "merged"))
-  exported = generate.load_run(out)[1]
+  as_init = runs.load_params(*runs.resolve(workdir))
+  out = export.to_run(workdir, str(tmp_path / "merged"))
+  exported = runs.load_run(out)[1]
   for a, b, e in zip(jax.tree.leaves(params), jax.tree.leaves(as_init), jax.tree.leaves(exported)):
     np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(e, b)
@@ -82,12 +81,12 @@ def test_continue_the_delta_of_a_lora_run(lora_sft_run, pretrained, corpus_dir, 
   source_eval = [r["eval/loss"] for r in metrics_lib.read_metrics(lora_sft_run) if "eval/loss" in r]
   evals = [r for r in metrics_lib.read_metrics(workdir) if "eval/loss" in r]
   assert evals[0]["step"] == 0 and evals[0]["eval/loss"] == pytest.approx(source_eval[-1], rel=1e-5)
-  assert checkpoint.lora_base(workdir) == checkpoint.resolve_run(pretrained)
-  delta = lora.from_saved(checkpoint.restore_params(*checkpoint.resolve_run(workdir)), c.lora)
-  start = lora.from_saved(checkpoint.restore_params(*checkpoint.resolve_run(lora_sft_run)), c.lora)
+  assert runs.lora_base(workdir) == runs.resolve(pretrained)
+  delta = lora.from_saved(runs.saved_params(*runs.resolve(workdir)), c.lora)
+  start = lora.from_saved(runs.saved_params(*runs.resolve(lora_sft_run)), c.lora)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(start)))
-  want = lora.merge(checkpoint.load_params(*checkpoint.resolve_run(pretrained)), delta)
-  got = checkpoint.load_params(*checkpoint.resolve_run(workdir))
+  want = lora.merge(runs.load_params(*runs.resolve(pretrained)), delta)
+  got = runs.load_params(*runs.resolve(workdir))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
   c.lora.rank = 8
   with pytest.raises(config_lib.ConfigError, match="lora.rank: 8 differs from 4"):
@@ -156,17 +155,18 @@ def test_dpo_and_lora_config_errors(corpus_dir, pref_jsonl, pretrained):
 
 
 def test_cached_reference_logps_equal_recomputed(pretrained, corpus_dir, pref_jsonl, dpo_runs, capsys):
-  from jaxllm import checkpoint, losses, model as model_lib, reference
-  from jaxllm.data import chat, loaders
+  from jaxllm import losses, model as model_lib
+  from jaxllm.data import chat
   from jaxllm.data.tokenizer import Tokenizer
 
   c = dpo_config(corpus_dir, pref_jsonl, pretrained, use_lora=False, **{"train.seq_len": 96})  # no truncation
-  run_dir, step = checkpoint.resolve_run(pretrained)
-  params = checkpoint.load_params(run_dir, step)
-  model_cfg = config_lib.model_from_run(c, run_dir)
+  run_dir, step = runs.resolve(pretrained)
+  params = runs.load_params(run_dir, step)
+  model_cfg = runs.model_for(c, run_dir, 0)
   tok = Tokenizer.from_file(os.path.join(run_dir, "tokenizer.model"))
-  pairs, _ = loaders.load_sources(c)
-  chosen, rejected = reference.compute(c, model_cfg, {"reference": params}, pairs, tok)
+  task = tasks.make(c)
+  pairs, _, _ = task.sources()
+  chosen, rejected = task.reference_logps(model_cfg, params, pairs, tok)
   for i in (0, 7, len(pairs) - 1):  # recomputed one pair at a time, unpadded, from the rendered conversation
     for side, cached in (("chosen", chosen[i]), ("rejected", rejected[i])):
       ids, mask = chat.render(pairs[i]["prompt"] + [{"role": "assistant", "content": pairs[i][side]}], tok)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxllm.data import chat, preference, sft, sources, tokenizer as tokenizer_lib
+from jaxllm.data import chat, pipeline, preference, sft, sources, tokenizer as tokenizer_lib
 
 SYSTEM, USER, ASSISTANT, END = tokenizer_lib.DEFAULT_SPECIAL_TOKENS
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
@@ -54,11 +54,17 @@ def rows(batch, side, seq_len):
   return out
 
 
-def one_batch(tokenizer, pairs, seq_len, batch_size=None, **kwargs):
-  """The first batch of `pairs` in order (all of them unless batch_size is given)."""
+def one_batch(tokenizer, pairs, seq_len, batch_size=None, with_counts=False, **kwargs):
+  """The first batch of `pairs` in order (all of them unless batch_size is given); with_counts: (the batch,
+  sft.SFTStats of the counts in the iterator's state after it)."""
   ds = preference.preference_dataset(pairs, tokenizer, seq_len=seq_len, batch_size=batch_size or len(pairs),
                                      seed=0, shuffle=False, repeat=False, **kwargs)
-  return next(iter(ds))
+  it = iter(ds)
+  batch = next(it)
+  if not with_counts:
+    return batch
+  counts = pipeline.counters(it.get_state())
+  return batch, sft.SFTStats(**{k: v for k, v in counts.items() if k != "dropped"})
 
 
 # --- rows --------------------------------------------------------------------------------------
@@ -100,8 +106,7 @@ def test_overlong_pairs_and_counts(tokenizer):
   assert max(len(full["short"][s][0]) for s in preference.SIDES) <= seq_len + 1
   assert min(len(full[n]["chosen"][0]) for n in ("long_prompt", "long_answer")) > seq_len + 1
 
-  stats = sft.SFTStats()
-  batch = one_batch(tokenizer, [short, long_prompt, long_answer], seq_len, stats=stats)
+  batch, stats = one_batch(tokenizer, [short, long_prompt, long_answer], seq_len, with_counts=True)
   assert (stats.examples, stats.truncated, stats.dropped_too_long, stats.dropped_no_loss) == (3, 2, 0, 0)
   got = {side: rows(batch, side, seq_len) for side in preference.SIDES}
   ids, mask = full["short"]["chosen"]
@@ -120,9 +125,8 @@ def test_overlong_pairs_and_counts(tokenizer):
   ids, mask = full["long_answer"]["rejected"]
   assert got["rejected"][2] == (tuple(ids[:-1]), tuple(ids[1:]), tuple(mask[1:]))  # short: whole
 
-  stats = sft.SFTStats()
-  batch = one_batch(tokenizer, [short, long_prompt, long_answer, short], seq_len, batch_size=2, overlong="drop",
-                    stats=stats)
+  batch, stats = one_batch(tokenizer, [short, long_prompt, long_answer, short], seq_len, batch_size=2,
+                           overlong="drop", with_counts=True)
   assert (stats.examples, stats.truncated, stats.dropped_too_long) == (2, 0, 2)
   assert rows(batch, "chosen", seq_len) == [got["chosen"][0]] * 2
   with pytest.raises(ValueError, match="overlong"):
@@ -132,8 +136,7 @@ def test_overlong_pairs_and_counts(tokenizer):
 def test_rows_fit_and_share_prompts_on_chatterbot(tokenizer, splits):
   pairs = splits["validation"][:64]
   seq_len = 40
-  stats = sft.SFTStats()
-  batch = one_batch(tokenizer, pairs, seq_len, stats=stats)
+  batch, stats = one_batch(tokenizer, pairs, seq_len, with_counts=True)
   assert stats.examples == 64 and stats.truncated > 0
   for r, (chosen, rejected) in enumerate(zip(rows(batch, "chosen", seq_len), rows(batch, "rejected", seq_len))):
     prompt_len = int(np.argmax(batch["chosen_loss_mask"][r])) + 1  # inputs up to the first answer token
@@ -268,18 +271,19 @@ def test_shards_are_disjoint_and_cover(tokenizer, splits):
 @pytest.mark.parametrize("k", [0, 1, 6])
 def test_iterator_state_restores_the_stream(tokenizer, splits, k):
   pairs = splits["validation"][:20]  # 5 batches an epoch: k = 6 restores in the second epoch
-  stats, restored_stats = sft.SFTStats(), sft.SFTStats()
-  make = lambda s: preference.preference_dataset(pairs, tokenizer, seq_len=32, batch_size=4, seed=0, stats=s)
-  it = iter(make(stats))
+  make = lambda: preference.preference_dataset(pairs, tokenizer, seq_len=32, batch_size=4, seed=0)
+  it = iter(make())
   for _ in range(k):
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # as grain's orbax handler stores it
   expected = [next(it) for _ in range(6)]
-  fresh = iter(make(restored_stats))
+  fresh = iter(make())
   fresh.set_state(state)
   got = [next(fresh) for _ in range(6)]
   for x, y in zip(got, expected):
     assert x.keys() == y.keys()
     for name in x:
       np.testing.assert_array_equal(x[name], y[name])
-  assert restored_stats == stats and stats.examples == 4 * (k + 6) and stats.truncated > 0
+  counts = pipeline.counters(it.get_state())
+  assert pipeline.counters(fresh.get_state()) == counts
+  assert counts["examples"] == 4 * (k + 6) and counts["truncated"] > 0

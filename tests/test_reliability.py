@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxllm import checkpoint as ckpt_lib, metrics as metrics_lib, train
+from jaxllm import checkpoint as ckpt_lib, errors, metrics as metrics_lib, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIALS = int(os.environ.get("JAXLLM_RELIABILITY_TRIALS", "0"))
@@ -388,7 +388,7 @@ def test_sigterm_saves_the_current_step_exits_75_and_resumes(stage, tmp_path):
       run.proc.send_signal(signal.SIGTERM)
       rc = run.wait(timeout=60)
       slowest = max(slowest, time.time() - sent)
-      assert rc == train.PREEMPTED_EXIT_CODE, f"exit {rc}:\n{run.output()[-3000:]}"
+      assert rc == errors.PREEMPTED_EXIT_CODE, f"exit {rc}:\n{run.output()[-3000:]}"
       stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", run.output()).group(1))
       assert _committed(workdir)[-1] == stopped and _last_logged(workdir) == stopped
       _assert_complete(workdir)
@@ -440,7 +440,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(stage, tmp_
       slowest = max(slowest, time.time() - sent)
       if rcs == [0, 0] and _committed(workdir)[-1] == STEPS:
         break  # the run ended before they agreed on a step: nothing to resume
-      assert rcs == [train.PREEMPTED_EXIT_CODE] * 2, [r.output()[-2000:] for r in runs]
+      assert rcs == [errors.PREEMPTED_EXIT_CODE] * 2, [r.output()[-2000:] for r in runs]
       stopped = {int(re.findall(r"stopped by SIGTERM after step (\d+)", r.output())[0]) for r in runs}
       assert len(stopped) == 1, stopped
       stopped = stopped.pop()
@@ -483,7 +483,7 @@ def test_sigterm_while_loading_stops_before_the_first_step(corpus_dir, tmp_path,
   monkeypatch.setattr(sharding, "make_mesh", signalled)
   previous = signal.signal(signal.SIGTERM, lambda *args: caught_here.append(args))
   try:
-    with pytest.raises(train.Preempted, match="before step 1, with nothing new to save"):
+    with pytest.raises(errors.Preempted, match="before step 1, with nothing new to save"):
       train.run(cfg, workdir)
   finally:
     signal.signal(signal.SIGTERM, previous)
@@ -519,7 +519,7 @@ def test_a_steps_rows_are_written_before_its_checkpoint(corpus_dir, tmp_path, mo
     yield lambda step: step == 4
 
   monkeypatch.setattr(train, "_sigterm_flag", sigterm_at_4)
-  with pytest.raises(train.Preempted, match="after step 4"):
+  with pytest.raises(errors.Preempted, match="after step 4"):
     train.run(cfg, preempted)
   monkeypatch.undo()
   train.run(cfg, preempted)
@@ -636,7 +636,7 @@ def test_training_stops_with_a_clear_error_when_checkpoints_cannot_be_written(st
     run = Run(command, workdir)
     assert _wait_for(lambda: _printed_step(run) >= EVERY + 1 and _committed(workdir), run)
     run.proc.send_signal(signal.SIGTERM)
-    assert run.wait() == train.PREEMPTED_EXIT_CODE
+    assert run.wait() == errors.PREEMPTED_EXIT_CODE
     limit = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (65536, "
              "resource.getrlimit(resource.RLIMIT_FSIZE)[1])); os.execv(sys.executable, sys.argv[1:])")
     run = Run(command[1:], workdir, wrap=[sys.executable, "-c", limit, sys.executable])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import config as config_lib, losses, metrics as metrics_lib, model as model_lib, train
+from jaxllm import config as config_lib, losses, metrics as metrics_lib, model as model_lib, runs, tasks, train
 from jaxllm.data import sft
 from jaxllm.data.tokenizer import Tokenizer
 from tests.conftest import ANIMALS, sft_config
@@ -38,14 +38,13 @@ def test_sft_starts_from_the_pretrained_params(pretrained, corpus_dir, qa_jsonl,
   workdir = str(tmp_path / "sft0")
   train.run(cfg, workdir)
   step0 = next(r["eval/loss"] for r in metrics_lib.read_metrics(workdir) if r["step"] == 0)
-  from jaxllm import checkpoint
-  from jaxllm.data import loaders
-  params = checkpoint.load_params(*checkpoint.resolve_run(pretrained))
-  model_cfg = config_lib.model_from_run(cfg, pretrained)
+  params = runs.load_params(*runs.resolve(pretrained))
+  model_cfg = runs.model_for(cfg, pretrained, 0)
   tok = Tokenizer.from_file(os.path.join(pretrained, "tokenizer.model"))
-  _, val = loaders.load_sources(cfg)
+  task = tasks.make(cfg)
+  _, val, _ = task.sources()
   total = weight = 0.0
-  for b in loaders.eval_batches(cfg, val, tok):
+  for b in task.eval_batches(val, tok):
     logits = model_lib.forward(model_cfg, params, b["inputs"], b["segment_ids"], b["positions"])
     s, w = losses.next_token_loss_sum(logits, b["targets"], b["loss_mask"])
     total, weight = total + float(s), weight + float(w)
@@ -55,7 +54,7 @@ def test_sft_starts_from_the_pretrained_params(pretrained, corpus_dir, qa_jsonl,
 
 def test_packed_and_unpacked_examples_have_the_same_loss(pretrained, corpus_dir, qa_jsonl):
   cfg = sft_config(corpus_dir, qa_jsonl, pretrained)
-  model_cfg = config_lib.model_from_run(cfg, pretrained)
+  model_cfg = runs.model_for(cfg, pretrained, 0)
   params = model_lib.init(model_cfg, jax.random.key(3))
   tok = Tokenizer.from_file(os.path.join(pretrained, "tokenizer.model"))
   convs = [[{"role": "user", "content": f"what is the {a} number 4?"},

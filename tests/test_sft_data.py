@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxllm.data import chat, sft, sources, tokenizer as tokenizer_lib
+from jaxllm.data import chat, pipeline, sft, sources, tokenizer as tokenizer_lib
 
 SYSTEM, USER, ASSISTANT, END = tokenizer_lib.DEFAULT_SPECIAL_TOKENS
 MULTI_TURN = [
@@ -165,10 +165,11 @@ def all_batches(ds):
 @pytest.mark.parametrize("seq_len,weight", [(24, 0.0), (128, 0.0), (128, 0.5)])
 def test_packed_rows_hold_the_unpacked_examples(tokenizer, english, seq_len, weight):
   convs = english[:120] + [CHINESE, MULTI_TURN]
-  stats = sft.SFTStats()
   ds = sft.sft_dataset(convs, tokenizer, seq_len=seq_len, batch_size=1, seed=0, shuffle=False,
-                       repeat=False, prompt_loss_weight=weight, packing_bins=4, stats=stats)
-  got = unpack(all_batches(ds), seq_len)
+                       repeat=False, prompt_loss_weight=weight, packing_bins=4)
+  it = iter(ds)
+  got = unpack(list(it), seq_len)
+  stats = sft.SFTStats(**{k: v for k, v in pipeline.counters(it.get_state()).items() if k != "dropped"})
   expected = [expected_example(tokenizer, c, seq_len, weight) for c in convs]
   expected = [e for e in expected if any(e[2])]  # dropped: nothing to learn after truncation
   assert sorted(got) == sorted(expected)
@@ -213,10 +214,10 @@ def test_overlong_policies_and_counts(tokenizer):
   assert lengths[0] <= seq_len + 1 < min(lengths[1], lengths[2])
 
   def run(overlong, weight=0.0):
-    stats = sft.SFTStats()
-    ds = sft.sft_dataset(convs, tokenizer, seq_len=seq_len, batch_size=1, seed=0, shuffle=False,
-                         repeat=False, overlong=overlong, prompt_loss_weight=weight, stats=stats)
-    return sorted(unpack(all_batches(ds), seq_len)), stats
+    it = iter(sft.sft_dataset(convs, tokenizer, seq_len=seq_len, batch_size=1, seed=0, shuffle=False,
+                              repeat=False, overlong=overlong, prompt_loss_weight=weight))
+    got = sorted(unpack(list(it), seq_len))
+    return got, sft.SFTStats(**{k: v for k, v in pipeline.counters(it.get_state()).items() if k != "dropped"})
 
   got, stats = run("truncate")
   assert got == sorted(expected_example(tokenizer, c, seq_len) for c in (short, long_answer))
@@ -232,9 +233,9 @@ def test_overlong_policies_and_counts(tokenizer):
     sft.sft_dataset(convs, tokenizer, seq_len=seq_len, batch_size=1, seed=0, overlong="wrap")
   # The boundary: n + 1 tokens fit in seq_len = n.
   n = lengths[0] - 1
-  assert sft.make_example(short, tokenizer, seq_len=n)["status"] == sft._KEPT
+  assert sft.make_example(short, tokenizer, seq_len=n)["status"] == sft.KEPT
   truncated = sft.make_example(short, tokenizer, seq_len=n - 1)
-  assert truncated["status"] == sft._TRUNCATED and len(truncated["inputs"]) == n - 1
+  assert truncated["status"] == sft.TRUNCATED and len(truncated["inputs"]) == n - 1
 
 
 # --- iterator state ----------------------------------------------------------------------------
@@ -248,25 +249,24 @@ def assert_same_batches(a, b):
       np.testing.assert_array_equal(x[k], y[k])
 
 
-def small_dataset(tokenizer, english, stats=None):
+def small_dataset(tokenizer, english):
   # 40 conversations, about one per row (half are truncated), 4 bins per packing window: an epoch
   # is about 20 batches, so restoring at k=13 checks batches of the next epoch too.
-  return sft.sft_dataset(english[:40], tokenizer, seq_len=48, batch_size=2, seed=0, packing_bins=4,
-                         stats=stats)
+  return sft.sft_dataset(english[:40], tokenizer, seq_len=48, batch_size=2, seed=0, packing_bins=4)
 
 
 @pytest.mark.parametrize("k", [0, 1, 5, 13])
 def test_iterator_state_restores_the_stream(tokenizer, english, k):
-  stats, restored_stats = sft.SFTStats(), sft.SFTStats()
-  it = iter(small_dataset(tokenizer, english, stats))
+  it = iter(small_dataset(tokenizer, english))
   for _ in range(k):
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # as grain's orbax handler stores it
   expected = [next(it) for _ in range(8)]
-  fresh = iter(small_dataset(tokenizer, english, restored_stats))
+  fresh = iter(small_dataset(tokenizer, english))
   fresh.set_state(state)
   assert_same_batches([next(fresh) for _ in range(8)], expected)
-  assert restored_stats == stats and stats.examples > 0
+  counts = pipeline.counters(it.get_state())
+  assert pipeline.counters(fresh.get_state()) == counts and counts["examples"] > 0
 
 
 def test_iterator_state_through_orbax(tokenizer, english, tmp_path):
@@ -369,7 +369,8 @@ def test_spec_errors(tmp_path):
   with pytest.raises(sources.DataError, match="a.txt: unsupported file type"):
     sft.conversations(str(tmp_path / "a.txt"), "train")
   path = write(tmp_path / "one.jsonl", ['{"prompt": "a", "response": "b"}'])
-  with pytest.raises(sources.DataError, match="no conversations in split 'validation'"):
-    sft.conversations(path, "validation", validation_fraction=0.0)
+  with pytest.raises(sources.DataError, match="no conversations in split 'validation'.*data.validation_fraction"):
+    sft.conversations(path, "validation", validation_fraction=0.01)
+  assert len(sft.conversations(path, "validation", validation_fraction=0.0)) == 0  # no validation
   with pytest.raises(ValueError, match="split"):
     sft.conversations(path, "test")

@@ -12,7 +12,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxllm import config as config_lib, metrics as metrics_lib, objectives, optim, train
+import flax.linen as nn
+
+from jaxllm import config as config_lib, errors, metrics as metrics_lib, optim, peft, step as step_lib, tasks, train
 from jaxllm.data.tokenizer import train_tokenizer
 from tests.conftest import tiny_config
 
@@ -105,10 +107,10 @@ def test_loss_spikes_are_skipped_against_a_numpy_threshold():
   apply; non-finite steps count as skipped, not as spikes; nothing is skipped before the window is full."""
   k, window = 3.0, 4
   tx = optax.sgd(0.05)
-  loss_fn = lambda w, batch, frozen: (jnp.sum((batch["x"] @ w["w"] - batch["y"]) ** 2), (batch["x"].shape[0], {}))
-  init = lambda r: train.init_state(r, init_trainable=lambda _: {"w": jnp.zeros((3,))}, tx=tx, spike_window=window)
+  loss_fn = lambda w, batch, frozen, rng: (jnp.sum((batch["x"] @ w["w"] - batch["y"]) ** 2), (batch["x"].shape[0], {}))
+  init = lambda r: step_lib.init_state(r, init_trainable=lambda _: {"w": jnp.zeros((3,))}, tx=tx, spike_window=window)
   state = jax.jit(init)(jax.random.key(0))
-  step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, tx=tx, lr_schedule=lambda s: 0.05,
+  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx, lr_schedule=lambda s: 0.05,
                                    grad_accum=1, spike_k=k))
   rng = np.random.default_rng(0)
   x = rng.standard_normal((16, 8, 3)).astype(np.float32)
@@ -139,16 +141,17 @@ def test_loss_spikes_are_skipped_against_a_numpy_threshold():
 def test_gradient_accumulation_equals_one_big_batch(corpus_dir):
   cfg = tiny_config(corpus_dir)
   model_cfg = config_lib.resolve_model(cfg, 320)
-  objective = objectives.make(model_cfg, cfg)
+  loss_fn = tasks.make(cfg).loss_fn(model_cfg)
   tx = optim.optimizer(cfg.optimizer, cfg.train.steps)
-  state = jax.jit(lambda r: train.nn.meta.unbox(train.init_state(r, init_trainable=objective.init_trainable,
-                                                                 tx=tx)))(jax.random.key(0))
+  init_trainable = peft.make(cfg, model_cfg, needs_reference=False).init_trainable
+  state = jax.jit(lambda r: nn.meta.unbox(step_lib.init_state(r, init_trainable=init_trainable,
+                                                              tx=tx)))(jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(0, 320, (8, 16)), "targets": rng.integers(0, 320, (8, 16)),
            "segment_ids": np.ones((8, 16), np.int32), "positions": np.tile(np.arange(16), (8, 1)),
            "loss_mask": (rng.random((8, 16)) > 0.4).astype(np.float32)}  # uneven weights per micro-batch
   step = lambda accum: jax.jit(functools.partial(
-      train.train_step, loss_fn=objective.loss_fn, tx=tx, lr_schedule=optim.schedule(cfg.optimizer, 8),
+      step_lib.train_step, loss_fn=loss_fn, tx=tx, lr_schedule=optim.schedule(cfg.optimizer, 8),
       grad_accum=accum))(state, batch, None)
   (one, m1), (four, m4) = step(1), step(4)
   assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-6)
@@ -180,7 +183,7 @@ def test_sigterm_saves_the_current_step_and_the_same_command_resumes(corpus_dir,
   sent = time.time()
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=60)
-  assert proc.returncode == train.PREEMPTED_EXIT_CODE, err[-2000:]
+  assert proc.returncode == errors.PREEMPTED_EXIT_CODE, err[-2000:]
   assert time.time() - sent < 60 and "preempted: stopped by SIGTERM after step" in err
   saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
   assert len(saved) == 1 and saved[0] >= 5  # the step it was at, not a periodic checkpoint

@@ -12,15 +12,55 @@ Packing is grain's ConcatThenSplit over rows of L + 1 tokens: documents (each en
 concatenated and cut into rows. A document cut at a row boundary continues in the next row as a
 new piece, with a new segment id and positions from 0 again, so the model never attends across
 rows. Rows do not overlap: the target of a row's last input is still in that row.
+
+`counters(iterator.get_state())` reads the counts of examples kept, truncated and dropped that the SFT and
+preference pipelines keep in their iterator state (all 0 for pretraining).
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
 
 from jaxllm.data.tokenizer import Tokenizer
+
+
+COUNTERS = ("examples", "truncated", "dropped_too_long", "dropped_no_loss")  # sft.SFTStats's fields
+
+
+def counters(iterator_state) -> dict[str, int]:
+  """The counts of examples in the state of a data iterator (`iter(ds).get_state()`, also after a JSON round
+  trip), summed over every counting filter in it (one per shard of grain's zip of shards):
+
+    examples          examples kept (truncated ones included): for preference data, pairs
+    truncated         kept but cut to seq_len + 1 tokens
+    dropped_too_long  dropped for being longer than seq_len + 1 tokens (overlong="drop")
+    dropped_no_loss   dropped for having nothing to learn (no loss-masked target)
+    dropped           dropped_too_long + dropped_no_loss
+
+  All 0 for a pretraining dataset (no counting filter). The counts are those of the position the state
+  records: for SFT, the packer's (the examples of the packing windows already emitted, and the dropped ones
+  read with them); for preference data, the pairs of the rows already emitted and the dropped ones after
+  them. A restored iterator therefore counts exactly as the uninterrupted one.
+  """
+  totals = dict.fromkeys(COUNTERS, 0)
+
+  def walk(node):
+    if isinstance(node, Mapping):
+      stats = node.get("stats")
+      if "parent" in node and isinstance(stats, Mapping) and set(stats) == set(COUNTERS):
+        for k in COUNTERS:  # a counting filter (sft.CountAndFilter): its parent counts nothing more
+          totals[k] += int(stats[k])
+        return
+      for value in node.values():
+        walk(value)
+    elif isinstance(node, (list, tuple)):
+      for value in node:
+        walk(value)
+
+  walk(iterator_state)
+  return totals | {"dropped": totals["dropped_too_long"] + totals["dropped_no_loss"]}
 
 
 def pretrain_dataset(

@@ -26,6 +26,8 @@ are candidate assistant replies to it:
       "rejected" (each a string, or a list of one assistant message). Split by crc32 of f"{file name}:{line}"
       as sft.py does; every line is validated when the spec is read: errors raise DataError naming the file
       and 1-based line.
+The split is split.py's: validation_fraction = 0 means no validation (no validation pairs); a split that leaves
+the asked side empty raises DataError saying what to change. The result's `split_info` says how it was split.
 
 `preference_dataset(...)` renders prompt + answer with the chat template for both answers and puts each pair
 in one row of a chosen batch and the same row of a rejected batch (no packing); see its docstring.
@@ -40,7 +42,7 @@ import grain
 import numpy as np
 
 from jaxllm.data import chat, pipeline, sft, sources
-from jaxllm.data.sft import SFTStats
+from jaxllm.data import split as split_lib
 from jaxllm.data.sources import DataError
 from jaxllm.data.tokenizer import Tokenizer
 
@@ -63,28 +65,35 @@ def pairs(spec: str, split: str, *, validation_fraction: float = 0.1, seed: int 
   if spec == sft.CHATTERBOT or spec.startswith(sft.CHATTERBOT + ":"):
     return chatterbot_pairs(spec, split, validation_fraction=validation_fraction, seed=seed,
                             hard_fraction=hard_fraction)
-  if split not in ("train", "validation"):
-    raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+  split_lib.check_split(split)
+  split_lib.check_fraction(validation_fraction)
   source = sources.jsonl_records(spec, _to_pair, what="pairs", bad=bad)
-  keys = source.split_keys()
-  in_validation = np.array([sft._bucket(k) for k in keys]) < validation_fraction * 10_000
-  keep = np.flatnonzero(in_validation if split == "validation" else ~in_validation)
-  if not len(keep):
-    raise DataError(f"spec {spec!r} has no pairs in split {split!r} (validation_fraction={validation_fraction})")
-  return source.select(keep)
+  mask = split_lib.in_validation(split_lib.buckets(source.split_keys()), validation_fraction)
+  keep = split_lib.select(mask, split)
+  if not len(keep) and (split == "train" or validation_fraction > 0):
+    raise DataError(f"spec {spec!r} has no pairs in split {split!r} (validation_fraction={validation_fraction}, "
+                    f"{len(mask):,} pairs): {split_lib.fix(split)}")
+  how = ("no validation (validation_fraction=0)" if validation_fraction == 0 else
+         "by line (crc32 of 'file name:line')")
+  return source.select(keep, f"{how}: {split_lib.describe(int((~mask).sum()), int(mask.sum()), 'pairs')}")
 
 
 def chatterbot_pairs(spec: str, split: str, *, validation_fraction: float = 0.1, seed: int = 0,
                      hard_fraction: float = 0.5) -> list[dict]:
-  """Pairs from the chatterbot conversations of `spec` and `split` (see module doc)."""
+  """Pairs from the chatterbot conversations of `spec` and `split` (see module doc), with a `split_info`."""
   convs = sft.conversations(spec, split, validation_fraction=validation_fraction)
+  info = f"as SFT, {convs.split_info}"
+  if split == "validation" and not convs:  # validation_fraction = 0: no validation
+    return split_lib.SplitList([], f"{info}; 0 pairs")
   if split == "validation":  # held out: no prompt that SFT or DPO training sees as a user turn
     try:
       train = sft.conversations(spec, "train", validation_fraction=validation_fraction)
       seen = {_normalise(m["content"]) for c in train for m in c if m["role"] == "user"}
     except DataError:  # validation_fraction = 1: no training conversations
       seen = set()
+    held_out = len(convs)
     convs = [c for c in convs if _normalise(c[0]["content"]) not in seen]
+    info += f"; {held_out - len(convs):,} whose first user turn is a training user turn left out"
   language_of = _chatterbot_language_of(spec)
   languages = [language_of[json.dumps(c, ensure_ascii=False)] for c in convs]
   prompts = [_normalise(c[0]["content"]) for c in convs]
@@ -138,8 +147,9 @@ def chatterbot_pairs(spec: str, split: str, *, validation_fraction: float = 0.1,
       out.append({"prompt": conv[:1], "chosen": conv[1]["content"], "rejected": rejected,
                   "negative": str(kind)})
   if not out:
-    raise DataError(f"spec {spec!r} split {split!r}: too few conversations to draw rejected replies from")
-  return out
+    raise DataError(f"spec {spec!r} split {split!r}: too few conversations to draw rejected replies from "
+                    f"(validation_fraction={validation_fraction}): {split_lib.fix(split)}")
+  return split_lib.SplitList(out, f"{info}; {len(out):,} pairs")
 
 
 def _normalise(text: str) -> str:
@@ -206,7 +216,6 @@ def preference_dataset(
     process_count: int = 1,
     overlong: str = "truncate",
     template: chat.ChatTemplate = chat.DEFAULT_TEMPLATE,
-    stats: SFTStats | None = None,
 ) -> grain.IterDataset:
   """Batches of pairs, one pair per row: for each side s in (chosen, rejected), numpy arrays [batch_size, seq_len]
 
@@ -220,12 +229,13 @@ def preference_dataset(
   A pair is over-long when either side has more than seq_len + 1 tokens. overlong="truncate" cuts the prompt
   from the left, the same for both sides, so that the longer answer fits while the prompt keeps at least
   min(its length, (seq_len + 1) // 2) tokens; answers that still do not fit are cut on the right (losing their
-  <|end|>). overlong="drop" drops the pair. Pass an `SFTStats` as `stats` to read the counts, in pairs:
-  examples (pairs kept), truncated, dropped_too_long (dropped_no_loss stays 0: an answer always keeps a token).
+  <|end|>). overlong="drop" drops the pair. `pipeline.counters(it.get_state())` (an iterator `it` of this dataset)
+  counts them, in pairs: examples (pairs kept), truncated, dropped_too_long (dropped_no_loss stays 0: an answer
+  always keeps a token).
 
   Sharding, shuffling, epochs and repeat=False behave as in `sft_dataset`: process_index reads pairs
   process_index, process_index + process_count, ...; with repeat=False the last partial batch is dropped.
-  `iter(ds)` supports get_state() / set_state(), also after a JSON round trip; the stats are restored with it.
+  `iter(ds)` supports get_state() / set_state(), also after a JSON round trip; the counts are restored with it.
   """
   if overlong not in sft.OVERLONG_POLICIES:
     raise ValueError(f"overlong must be one of {sft.OVERLONG_POLICIES}, got {overlong!r}")
@@ -236,7 +246,7 @@ def preference_dataset(
   ds = ds.map(functools.partial(make_pair_example, tokenizer=tokenizer, seq_len=seq_len, template=template,
                                 overlong=overlong))
   # sft's counting filter: drops what make_pair_example marked as dropped; its counts live in the iterator state.
-  ds = sft._CountAndFilter(ds.to_iter_dataset(), stats if stats is not None else SFTStats())
+  ds = sft.CountAndFilter(ds.to_iter_dataset())
   return ds.batch(batch_size, drop_remainder=True)
 
 
@@ -256,19 +266,19 @@ def make_pair_example(pair: dict, tokenizer: Tokenizer, *, seq_len: int,
     head = mask.index(1.0)  # the "<|assistant|>\n" that prompt_ids already ends with
     answers[side] = ids[head:], mask[head:]
   budget, longest = seq_len + 1, max(len(a) for a, _ in answers.values())
-  status = sft._KEPT
+  status = sft.KEPT
   if len(prompt_ids) + longest > budget:
     if overlong == "drop":
-      return {"status": sft._TOO_LONG}
+      return {"status": sft.TOO_LONG}
     keep = max(budget - longest, min(len(prompt_ids), budget // 2))
-    prompt_ids, status = prompt_ids[len(prompt_ids) - keep:], sft._TRUNCATED
+    prompt_ids, status = prompt_ids[len(prompt_ids) - keep:], sft.TRUNCATED
     answers = {side: (ids[:budget - keep], mask[:budget - keep]) for side, (ids, mask) in answers.items()}
   example = {"status": status, "pair_index": np.int32(pair.get("index", -1))}  # the pair's place in `pairs`
   for side, (answer_ids, answer_mask) in answers.items():
     ids = np.asarray(prompt_ids + answer_ids, np.int32)
     mask = np.asarray([0.0] * len(prompt_ids) + answer_mask, np.float32)
     if not mask[1:].any():
-      return {"status": sft._NO_LOSS}
+      return {"status": sft.NO_LOSS}
     n = len(ids) - 1
     pad = lambda x, value: np.pad(x, (0, seq_len - n), constant_values=value)
     example |= {

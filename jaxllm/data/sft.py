@@ -14,17 +14,20 @@
       with roles system/user/assistant and at least one assistant message. Split by crc32 of
       f"{file name}:{line}", as sources.py does. Every line is validated when the spec is read: errors
       raise DataError naming the file and 1-based line.
+The split is split.py's: validation_fraction = 0 means no validation (an empty validation split); a split
+that leaves the asked side empty raises DataError saying what to change. The result's `split_info` says how
+it was split.
 
 `sft_dataset(...)` tokenizes each conversation with the chat template, shifts it for next-token
 prediction per example, and packs whole examples into rows (never splitting one) in the batch
-format of the pretraining pipeline (see pipeline.py).
+format of the pretraining pipeline (see pipeline.py). Its counts of truncated and dropped examples are
+part of its iterator state: `pipeline.counters(iterator.get_state())`.
 """
 
 import dataclasses
 import functools
 import json
 import os
-import zlib
 from collections.abc import Sequence
 
 import grain
@@ -32,6 +35,7 @@ import numpy as np
 
 from jaxllm.data import chat, pipeline
 from jaxllm.data import sources
+from jaxllm.data import split as split_lib
 from jaxllm.data.sources import DataError
 from jaxllm.data.tokenizer import Tokenizer
 
@@ -44,26 +48,29 @@ OVERLONG_POLICIES = ("truncate", "drop")
 
 def conversations(spec: str, split: str, *, validation_fraction: float = 0.1,
                   bad: sources.BadRecords | None = None) -> Sequence[list[dict]]:
-  """The conversations of `split` ("train" or "validation") described by `spec` (see module doc); bad JSONL
-  lines raise DataError, or with `bad` are skipped and counted."""
-  if split not in ("train", "validation"):
-    raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+  """The conversations of `split` ("train" or "validation") described by `spec` (see module doc), with the
+  `split_info` of the split; bad JSONL lines raise DataError, or with `bad` are skipped and counted."""
+  split_lib.check_split(split)
+  split_lib.check_fraction(validation_fraction)
   if spec == CHATTERBOT or spec.startswith(CHATTERBOT + ":"):
     languages = [s.strip() for s in spec.partition(":")[2].split(",") if s.strip()]
     convs = chatterbot_conversations(languages or None)
     keys = [json.dumps(c, ensure_ascii=False) for c in convs]
-    source = convs
+    source, how = convs, "by conversation (crc32 of its content)"
   else:
     source = sources.jsonl_records(spec, _to_messages, what="conversations", bad=bad)
-    keys = source.split_keys()
-  in_validation = np.array([_bucket(k) for k in keys]) < validation_fraction * 10_000
-  keep = np.flatnonzero(in_validation if split == "validation" else ~in_validation)
-  if not len(keep):
-    raise DataError(f"spec {spec!r} has no conversations in split {split!r} "
-                    f"(validation_fraction={validation_fraction})")
+    keys, how = source.split_keys(), "by line (crc32 of 'file name:line')"
+  mask = split_lib.in_validation(split_lib.buckets(keys), validation_fraction)
+  keep = split_lib.select(mask, split)
+  if not len(keep) and (split == "train" or validation_fraction > 0):
+    raise DataError(f"spec {spec!r} has no conversations in split {split!r} (validation_fraction="
+                    f"{validation_fraction}, {len(keys):,} conversations): {split_lib.fix(split)}")
+  if validation_fraction == 0:
+    how = "no validation (validation_fraction=0)"
+  info = f"{how}: {split_lib.describe(int((~mask).sum()), int(mask.sum()), 'conversations')}"
   if isinstance(source, sources.JsonlRecords):
-    return source.select(keep)
-  return [source[i] for i in keep]
+    return source.select(keep, info)
+  return split_lib.SplitList((source[i] for i in keep), info)
 
 
 def chatterbot_languages() -> list[str]:
@@ -139,22 +146,14 @@ def _to_messages(record) -> list[dict]:
   raise ValueError("expected a 'messages' list or 'prompt' and 'response' strings")
 
 
-def _bucket(key: str) -> int:
-  """A conversation's split bucket in [0, 10000): validation iff bucket < fraction * 10000."""
-  return zlib.crc32(key.encode()) % 10_000
-
-
 # ----------------------------------------------------------------------------------------- pipeline
 
 
 @dataclasses.dataclass
 class SFTStats:
-  """Counts of the examples the packer has taken in so far (it reads a few rows ahead of the batches).
-
-  Updated by the iterator as it runs and restored with its state (set_state / a checkpoint), so a
-  resumed run counts as the uninterrupted one. The trainer logs them.
-  """
-  examples: int = 0          # examples packed into rows (truncated ones included)
+  """Counts of the examples a CountAndFilter has read: the "stats" of its iterator state, which
+  `pipeline.counters` sums over a dataset's state (its fields are pipeline.COUNTERS)."""
+  examples: int = 0          # examples kept (truncated ones included)
   truncated: int = 0         # longer than seq_len + 1 tokens, cut to the first seq_len + 1
   dropped_too_long: int = 0  # longer than seq_len + 1 tokens, dropped (overlong="drop")
   dropped_no_loss: int = 0   # loss mask all zero (after any truncation), or a single token: dropped
@@ -164,8 +163,11 @@ class SFTStats:
     return self.dropped_too_long + self.dropped_no_loss
 
 
-_KEPT, _TRUNCATED, _TOO_LONG, _NO_LOSS = range(4)
-_COUNTERS = {_TRUNCATED: "truncated", _TOO_LONG: "dropped_too_long", _NO_LOSS: "dropped_no_loss"}
+assert tuple(f.name for f in dataclasses.fields(SFTStats)) == pipeline.COUNTERS
+
+# The "status" of an example (make_example, preference.make_pair_example).
+KEPT, TRUNCATED, TOO_LONG, NO_LOSS = range(4)
+_COUNTED_AS = {TRUNCATED: "truncated", TOO_LONG: "dropped_too_long", NO_LOSS: "dropped_no_loss"}
 _FEATURES = ("inputs", "targets", "loss_mask")
 
 
@@ -184,7 +186,6 @@ def sft_dataset(
     overlong: str = "truncate",
     template: chat.ChatTemplate = chat.DEFAULT_TEMPLATE,
     packing_bins: int = 16,
-    stats: SFTStats | None = None,
 ) -> grain.IterDataset:
   """Batches of packed, masked rows from `convs` in the pretraining batch format:
 
@@ -195,8 +196,8 @@ def sft_dataset(
   `packing_bins` rows at a time (segment ids 1, 2, ... per example, positions from 0 in each, the
   rest of the row padding: segment 0, pad_id, mask 0); rows are shuffled within those bins.
   Examples longer than seq_len + 1 tokens are cut to their first seq_len + 1 (overlong="truncate")
-  or dropped ("drop"); examples with nothing to learn are dropped. Pass an `SFTStats` as `stats` to
-  read these counts: the iterator of this dataset that was last created, advanced or restored keeps them.
+  or dropped ("drop"); examples with nothing to learn are dropped. `pipeline.counters(it.get_state())`
+  counts them (an iterator `it` of this dataset): the examples of the packing windows already emitted.
 
   Sharding, shuffling, epochs and repeat=False behave as in `pretrain_dataset`: process_index reads
   conversations process_index, process_index + process_count, ...; with repeat=False the last
@@ -212,7 +213,7 @@ def sft_dataset(
   ds = ds.map(functools.partial(
       make_example, tokenizer=tokenizer, template=template, seq_len=seq_len,
       prompt_loss_weight=prompt_loss_weight, overlong=overlong))
-  ds = _CountAndFilter(ds.to_iter_dataset(), stats if stats is not None else SFTStats())
+  ds = CountAndFilter(ds.to_iter_dataset())
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct={k: seq_len for k in _FEATURES}, num_packing_bins=packing_bins,
       seed=seed, shuffle_bins=shuffle, padding_struct={"inputs": tokenizer.pad_id,
@@ -227,14 +228,14 @@ def make_example(messages: list[dict], tokenizer: Tokenizer, *, seq_len: int,
   """One conversation -> {"inputs", "targets", "loss_mask"} of length <= seq_len and a "status"
   (kept, truncated, too long, no loss); a dropped example has empty features."""
   ids, mask = chat.render(messages, tokenizer, template, prompt_loss_weight=prompt_loss_weight)
-  status = _KEPT
+  status = KEPT
   if len(ids) > seq_len + 1:
     if overlong == "drop":
-      ids, mask, status = [], [], _TOO_LONG
+      ids, mask, status = [], [], TOO_LONG
     else:
-      ids, mask, status = ids[:seq_len + 1], mask[:seq_len + 1], _TRUNCATED
-  if status != _TOO_LONG and not any(mask[1:]):
-    ids, mask, status = [], [], _NO_LOSS
+      ids, mask, status = ids[:seq_len + 1], mask[:seq_len + 1], TRUNCATED
+  if status != TOO_LONG and not any(mask[1:]):
+    ids, mask, status = [], [], NO_LOSS
   ids = np.asarray(ids, np.int32)
   return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": np.asarray(mask[1:], np.float32),
           "status": status}
@@ -251,44 +252,62 @@ def _to_batch_format(row: dict) -> dict:
   }
 
 
-class _CountAndFilter(grain.IterDataset):
-  """Drops the examples that `make_example` marked as dropped, counting every status in `stats`;
-  the counts are part of the iterator state, so the packer's replay on restore stays exact."""
+class CountAndFilter(grain.IterDataset):
+  """Drops the examples marked as dropped (a "status" other than KEPT or TRUNCATED) and removes the status
+  of the others, counting every status. The counts are part of the iterator state, {"parent": ...,
+  "stats": SFTStats fields}, so they are checkpointed and restored with it and `pipeline.counters` reads
+  them from it.
 
-  def __init__(self, parent: grain.IterDataset, stats: SFTStats):
-    super().__init__(parent)
-    self._sft_stats = stats
+  The iterator reads one kept example ahead of the one it returns, so that its state already counts the
+  dropped examples that follow (at the end of a pass: all of them); the state is that of the position just
+  before the example read ahead, so restoring it reads that example again."""
 
   def __iter__(self):
-    return _CountAndFilterIterator(self._parent.__iter__(), self._sft_stats)
+    return _CountAndFilterIterator(self._parent.__iter__())
 
 
 class _CountAndFilterIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, stats: SFTStats):
+  def __init__(self, parent: grain.DatasetIterator):
     super().__init__(parent)
-    self._counts = stats
-    self._set_counts(SFTStats())
+    self._counts = dict.fromkeys(pipeline.COUNTERS, 0)
+    self._ahead = None  # (state before it, example): the next kept example, read ahead
+    self._exhausted = False
 
-  def _set_counts(self, counts: SFTStats):
-    for field in dataclasses.fields(SFTStats):
-      setattr(self._counts, field.name, getattr(counts, field.name))
+  def _state(self) -> dict:
+    return {"parent": self._parent.get_state(), "stats": dict(self._counts)}
+
+  def _read(self):
+    """Reads up to the next kept example, counting it and the dropped ones before it: (the state just before
+    it, the example), or None at the end of the parent."""
+    while not self._exhausted:
+      before = self._state()
+      try:
+        example = next(self._parent)
+      except StopIteration:
+        self._exhausted = True
+        break
+      status = int(example.pop("status"))
+      if status != KEPT:
+        self._counts[_COUNTED_AS[status]] += 1
+      if status in (KEPT, TRUNCATED):
+        self._counts["examples"] += 1
+        return before, example
+    return None
 
   def __next__(self):
-    while True:
-      example = next(self._parent)
-      status = int(example.pop("status"))
-      if status in (_KEPT, _TRUNCATED):
-        self._counts.examples += 1
-      if status != _KEPT:
-        name = _COUNTERS[status]
-        setattr(self._counts, name, getattr(self._counts, name) + 1)
-      if status in (_KEPT, _TRUNCATED):
-        return example
+    if self._ahead is None:  # the first call, or after set_state
+      self._ahead = self._read()
+    if self._ahead is None:
+      raise StopIteration
+    example = self._ahead[1]
+    self._ahead = self._read()
+    return example
 
   def get_state(self):
-    return {"parent": self._parent.get_state(), "stats": dataclasses.asdict(self._counts)}
+    return dict(self._ahead[0]) if self._ahead is not None else self._state()
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
-    self._set_counts(SFTStats(**state["stats"]))
+    self._counts = {k: int(state["stats"][k]) for k in pipeline.COUNTERS}
+    self._ahead, self._exhausted = None, False

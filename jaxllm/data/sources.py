@@ -9,17 +9,26 @@ MapDataset source, be pickled, and be read from several threads.
   otherwise:     comma-separated globs (`**` allowed) of .txt/.text/.md files (one document
                  per file) and .jsonl files (one document per line, its "text" field);
                  split by document with crc32 of f"{file name}:{line}" (line 0 for whole files).
+
+The split is split.py's. validation_fraction = 0 means no validation (an empty validation split). When
+the split above leaves a side empty (a corpus of a few files), whole-file documents are cut into
+paragraphs (at the first line after blank lines; the pieces of a file concatenate back to it) and
+split by crc32 of f"{file name}:{first line of the paragraph}" (the relative path for "stdlib");
+if a side is still empty, asking for it raises DataError saying what to change. The returned
+documents' `split_info` says which split was used.
 """
 
 import array
 import glob
+import io
 import json
 import os
 import sysconfig
-import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+from jaxllm.data import split as split_lib
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)
@@ -77,13 +86,18 @@ class FileDocuments(Sequence):
   """Documents stored in files: document i is file `paths[file_ids[i]]` at byte `offsets[i]`.
 
   An offset of WHOLE_FILE means the whole file is the document; any other offset is the start
-  of a JSONL line whose "text" field is the document.
+  of a JSONL line whose "text" field is the document, or, where `lengths` is given and
+  lengths[i] >= 0, of a piece of text of lengths[i] bytes (a paragraph of a text file).
+  `split_info` describes the train/validation split the documents were selected by.
   """
 
-  def __init__(self, paths: Sequence[str], file_ids: np.ndarray, offsets: np.ndarray):
+  def __init__(self, paths: Sequence[str], file_ids: np.ndarray, offsets: np.ndarray,
+               lengths: np.ndarray | None = None, split_info: str = ""):
     self.paths = list(paths)
     self.file_ids = np.asarray(file_ids, np.int32)
     self.offsets = np.asarray(offsets, np.int64)
+    self.lengths = None if lengths is None else np.asarray(lengths, np.int64)
+    self.split_info = split_info
 
   def __len__(self) -> int:
     return len(self.offsets)
@@ -95,27 +109,100 @@ class FileDocuments(Sequence):
     if offset == WHOLE_FILE:
       with open(path, encoding="utf-8") as f:
         return f.read()
+    if self.lengths is not None and self.lengths[i] >= 0:
+      with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(int(self.lengths[i])).decode("utf-8")
     with open(path, "rb") as f:
       f.seek(offset)
       return json.loads(f.readline())["text"]
 
+  def select(self, indices) -> "FileDocuments":
+    return FileDocuments(self.paths, self.file_ids[indices], self.offsets[indices],
+                         None if self.lengths is None else self.lengths[indices], self.split_info)
+
 
 def documents(spec: str, split: str, *, validation_fraction: float = 0.02, bad: BadRecords | None = None
               ) -> FileDocuments:
-  """The documents of `split` ("train" or "validation") described by `spec` (see module doc). Bad lines or
-  files raise DataError, or with `bad` are skipped and counted there."""
-  if split not in ("train", "validation"):
-    raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+  """The documents of `split` ("train" or "validation") described by `spec` (see module doc), with the
+  `split_info` of the split. Bad lines or files raise DataError, or with `bad` are skipped and counted there."""
+  split_lib.check_split(split)
+  split_lib.check_fraction(validation_fraction)
   if spec == "stdlib":
-    paths, file_ids, offsets, buckets = _index_stdlib()
+    paths, names, file_ids, offsets, buckets = _index_stdlib()
   else:
     paths, file_ids, offsets, buckets = _index_globs(spec, bad)
-  in_validation = buckets < validation_fraction * 10_000
-  keep = in_validation if split == "validation" else ~in_validation
-  if not keep.any():
-    raise DataError(f"spec {spec!r} has no documents in split {split!r} "
-                    f"(validation_fraction={validation_fraction})")
-  return FileDocuments(paths, file_ids[keep], offsets[keep])
+    names = [os.path.basename(p) for p in paths]
+  docs = FileDocuments(paths, file_ids, offsets)
+  mask = split_lib.in_validation(buckets, validation_fraction)
+  whole_files = bool((docs.offsets == WHOLE_FILE).all())
+  how, unit = ("by file", "files") if whole_files else ("by document", "documents")
+  if validation_fraction == 0:
+    how = "no validation (validation_fraction=0)"
+  info = f"{how}: {_describe(docs.file_ids, mask, whole_files)}"
+  side = split_lib.empty_side(mask, validation_fraction)
+  if side is not None:  # too few files (or documents): try paragraphs
+    pieces, piece_buckets = _paragraphs(docs, names, buckets)
+    piece_mask = split_lib.in_validation(piece_buckets, validation_fraction)
+    if split_lib.empty_side(piece_mask, validation_fraction) is None:
+      held_out = int(mask.sum())
+      info = (f"by paragraph (too few {unit} for validation_fraction={validation_fraction}: "
+              f"{len(mask) - held_out:,} train, {held_out:,} validation): "
+              f"{_describe(pieces.file_ids, piece_mask, False)}")
+      docs, mask = pieces, piece_mask
+    else:
+      tried = f", {len(pieces):,} documents by paragraph" if len(pieces) > len(mask) else ""
+      info += f" (validation_fraction={validation_fraction} leaves {side} empty{', also by paragraph' * bool(tried)})"
+      if split == side:
+        raise DataError(f"spec {spec!r} has no documents in split {side!r} (validation_fraction="
+                        f"{validation_fraction}, {len(mask):,} {unit}{tried}): {split_lib.fix(side)}")
+  out = docs.select(split_lib.select(mask, split))
+  out.split_info = info
+  return out
+
+
+def _describe(file_ids: np.ndarray, validation_mask: np.ndarray, whole_files: bool) -> str:
+  """How many documents (of how many files) each side of a split has."""
+  sides = []
+  for name, keep in (("train", ~validation_mask), ("validation", validation_mask)):
+    if whole_files:
+      sides.append(f"{int(keep.sum()):,} files {name}")
+    else:
+      files = len(np.unique(file_ids[keep]))
+      sides.append(f"{int(keep.sum()):,} documents ({files:,} files) {name}")
+  return ", ".join(sides)
+
+
+def _paragraphs(docs: FileDocuments, names: Sequence[str], buckets: np.ndarray
+                ) -> tuple[FileDocuments, np.ndarray]:
+  """`docs` with each whole-file document cut into paragraphs, and the split bucket of every document: for a
+  paragraph, that of f"{names[file id]}:{line}" with its first line; a JSONL document keeps its bucket (that of
+  f"{file name}:{line}" too). A paragraph runs from a non-blank line that starts the file or follows a blank
+  line up to the next such line, and the first also holds any blank lines opening the file, so the pieces
+  of a file concatenate back to it exactly."""
+  file_ids, offsets, lengths, out = [], [], [], []
+  for file_id, offset, bucket in zip(docs.file_ids.tolist(), docs.offsets.tolist(), np.asarray(buckets).tolist()):
+    if offset != WHOLE_FILE:  # a JSONL line: one document already
+      file_ids.append(file_id), offsets.append(offset), lengths.append(-1), out.append(bucket)
+      continue
+    with open(docs.paths[file_id], "rb") as f:
+      data = f.read()
+    starts, position, blank_before = [], 0, True  # (byte offset, 1-based line) of each paragraph
+    for number, line in enumerate(io.BytesIO(data), 1):
+      blank = not line.strip()
+      if blank_before and not blank:
+        starts.append((position, number))
+      blank_before = blank
+      position += len(line)
+    starts = starts or [(0, 1)]  # a blank file (strict reading keeps it): one piece
+    starts[0] = (0, starts[0][1])
+    ends = [start for start, _ in starts[1:]] + [len(data)]
+    for (start, number), end in zip(starts, ends):
+      file_ids.append(file_id), offsets.append(start), lengths.append(end - start)
+      out.append(split_lib.bucket(f"{names[file_id]}:{number}"))
+  pieces = FileDocuments(docs.paths, np.asarray(file_ids, np.int32), np.asarray(offsets, np.int64),
+                         np.asarray(lengths, np.int64))
+  return pieces, np.asarray(out, np.int64)
 
 
 def stdlib_files() -> tuple[str, list[str]]:
@@ -131,7 +218,8 @@ def stdlib_files() -> tuple[str, list[str]]:
 
 
 def _index_stdlib():
-  """Whole-file documents for the non-empty, utf-8 stdlib files, bucketed by relative path."""
+  """Whole-file documents for the non-empty, utf-8 stdlib files, bucketed by relative path: (paths, relative
+  paths, file ids, offsets, buckets)."""
   root, relative_paths = stdlib_files()
   kept = []
   for rel in relative_paths:
@@ -144,7 +232,7 @@ def _index_stdlib():
   paths = [os.path.join(root, rel) for rel in kept]
   file_ids = np.arange(len(paths), dtype=np.int32)
   offsets = np.full(len(paths), WHOLE_FILE, np.int64)
-  return paths, file_ids, offsets, np.array([_bucket(rel) for rel in kept], np.int32)
+  return paths, kept, file_ids, offsets, split_lib.buckets(kept)
 
 
 def match_globs(spec: str) -> list[str]:
@@ -161,13 +249,15 @@ def match_globs(spec: str) -> list[str]:
 
 class JsonlRecords(Sequence):
   """Records of JSONL files, read lazily: record i is the line at byte `offsets[i]` of `paths[file_ids[i]]`
-  (1-based line `line_numbers[i]`), parsed and passed through `convert` in __getitem__. Picklable."""
+  (1-based line `line_numbers[i]`), parsed and passed through `convert` in __getitem__. Picklable.
+  `split_info` describes the train/validation split the records were selected by ("" before one)."""
 
-  def __init__(self, paths, file_ids, offsets, line_numbers, convert):
+  def __init__(self, paths, file_ids, offsets, line_numbers, convert, split_info: str = ""):
     self.paths, self.convert = list(paths), convert
     self.file_ids = np.asarray(file_ids, np.int32)
     self.offsets = np.asarray(offsets, np.int64)
     self.line_numbers = np.asarray(line_numbers, np.int64)
+    self.split_info = split_info
 
   def __len__(self) -> int:
     return len(self.offsets)
@@ -183,9 +273,9 @@ class JsonlRecords(Sequence):
     """f"{file name}:{line}" of each record: what the train/validation split hashes."""
     return [f"{os.path.basename(self.paths[f])}:{line}" for f, line in zip(self.file_ids, self.line_numbers)]
 
-  def select(self, indices) -> "JsonlRecords":
+  def select(self, indices, split_info: str = "") -> "JsonlRecords":
     return JsonlRecords(self.paths, self.file_ids[indices], self.offsets[indices], self.line_numbers[indices],
-                        self.convert)
+                        self.convert, split_info)
 
 
 def jsonl_records(spec: str, convert, *, what: str, bad: BadRecords | None = None) -> JsonlRecords:
@@ -249,17 +339,12 @@ def _index_globs(spec: str, bad: BadRecords | None = None):
     for offset, line_number in entries:
       file_ids.append(file_id)
       offsets.append(offset)
-      buckets.append(_bucket(f"{os.path.basename(path)}:{line_number}"))  # same split wherever the corpus lives
+      buckets.append(split_lib.bucket(f"{os.path.basename(path)}:{line_number}"))  # same split wherever it lives
     if len(offsets) == count and bad is None:
       raise DataError(f"{path}: empty file (no documents)")
   if not len(offsets):
     raise DataError(f"{spec!r}: no usable documents in {len(paths)} files (bad ones: {bad and bad.counts()})")
   return paths, *(np.frombuffer(a, np.dtype(a.typecode)) for a in (file_ids, offsets, buckets))
-
-
-def _bucket(key: str) -> int:
-  """A document's split bucket in [0, 10000): it is in validation iff bucket < fraction * 10000."""
-  return zlib.crc32(key.encode()) % 10_000
 
 
 def _check_text_file(path: str, bad: BadRecords | None = None) -> bool:

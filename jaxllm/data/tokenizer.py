@@ -7,12 +7,16 @@ then learned pieces.
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from jaxllm.data.sources import DataError
+
 DEFAULT_SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+MIN_CHARACTER_COVERAGE = 0.98  # sentencepiece refuses less
 
 
 class Tokenizer:
@@ -90,17 +94,35 @@ def train_tokenizer(
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     max_sentences: int = 300_000,
     seed: int = 0,
+    character_coverage: float = 0.9995,
 ) -> Tokenizer:
   """Trains a byte-fallback sentencepiece model in memory; same inputs give the same bytes.
 
   Sentencepiece trains on lines, so the non-empty lines of `texts` are the training sentences;
   if there are more than `max_sentences`, a random subset (drawn with `seed`) is used.
+  `character_coverage` (in [0.98, 1], sentencepiece's range) is the share of the corpus's characters that get
+  a piece of their own; the rarest others are left to byte fallback. A vocabulary too small for those characters (a corpus in a
+  script of many characters, e.g. Chinese) raises DataError naming the smallest vocab_size that fits, and one
+  larger than the corpus yields, the largest.
   """
+  if not MIN_CHARACTER_COVERAGE <= character_coverage <= 1.0:
+    raise DataError(f"data.tokenizer.character_coverage must be in [{MIN_CHARACTER_COVERAGE}, 1] (sentencepiece's "
+                    f"range), got {character_coverage}")
   lines = [line for text in texts for line in text.split("\n") if line]
   if len(lines) > max_sentences:
     keep = np.random.default_rng(seed).choice(len(lines), max_sentences, replace=False)
     lines = [lines[i] for i in np.sort(keep)]
   model = io.BytesIO()
+  try:
+    _train(lines, model, vocab_size, model_type, special_tokens, character_coverage)
+  except RuntimeError as e:
+    if (error := _explain(e, vocab_size, character_coverage)) is None:
+      raise
+    raise error from None
+  return Tokenizer.from_bytes(model.getvalue())
+
+
+def _train(lines, model, vocab_size, model_type, special_tokens, character_coverage):
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines),
       model_writer=model,
@@ -115,9 +137,24 @@ def train_tokenizer(
       add_dummy_prefix=False,
       allow_whitespace_only_pieces=True,
       split_digits=True,
-      character_coverage=0.9995,  # rare characters go to byte fallback
+      character_coverage=character_coverage,  # rare characters go to byte fallback
       max_sentence_length=16_384,  # bytes; longer lines are skipped by the trainer
       num_threads=1,  # the model depends on the thread count: 1 makes it machine-independent
       minloglevel=2,
   )
-  return Tokenizer.from_bytes(model.getvalue())
+
+
+def _explain(error: RuntimeError, vocab_size: int, character_coverage: float) -> DataError | None:
+  """Sentencepiece's errors about the vocabulary size (too small for the corpus's characters, or larger than
+  the corpus yields) as a one-line DataError; None for any other error."""
+  message = str(error)
+  if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message):
+    return DataError(
+        f"data.tokenizer.vocab_size={vocab_size} is too small for the corpus: its characters at "
+        f"data.tokenizer.character_coverage={character_coverage} need data.tokenizer.vocab_size >= {m[2]} (the "
+        f"special tokens and 256 byte pieces included); raise it, or lower character_coverage (down to "
+        f"{MIN_CHARACTER_COVERAGE}) to leave more rare characters to byte fallback")
+  if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message):
+    return DataError(f"data.tokenizer.vocab_size={vocab_size} is too large for the corpus: it yields at most "
+                     f"{m[2]} pieces; set data.tokenizer.vocab_size <= {m[2]} (or train on more text)")
+  return None
