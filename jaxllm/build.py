@@ -17,7 +17,7 @@ import jax
 from jaxllm import checkpoint, config as config_lib, metrics as metrics_lib, model as model_lib, optim, peft, runs
 from jaxllm import sharding, step as step_lib, tasks
 from jaxllm.data import pipeline
-from jaxllm.errors import RunError
+from jaxllm.errors import ConfigError, RunError
 from jaxllm.tasks import Task
 
 
@@ -43,7 +43,7 @@ class Setup:
   eval_step: Callable             # (params, batch, frozen) -> (loss_sum, weight, aux sums), jitted
   put_batch: Callable             # a host batch -> the step's device batch
   checkpointer: checkpoint.Checkpointer
-  meta: dict                      # saved with every checkpoint: tokenizer hash, model, init_from identity
+  meta: dict                      # saved with every checkpoint: tokenizer hash, model, init_from fingerprint
   skipped: Any                    # sources.BadRecords of the records skipped (data.on_bad_record=skip), or None
   flops_per_token: float
   peak_flops: float               # measured matmul FLOP/s of all devices: MFU's denominator
@@ -81,6 +81,9 @@ def build(config, workdir: str, devices=None) -> Setup:
   tokenizer = runs.prepare_tokenizer(config, workdir, lambda: task.texts(train_source), check=task.check_tokenizer,
                                      init_from_dir=source and source[0], log=log)
   model_cfg = runs.model_for(config, source and source[0], tokenizer.vocab_size)
+  axis_sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, len(devices))))
+  if reason := sharding.indivisible(dataclasses.asdict(model_cfg), axis_sizes, sharding.rules_of(config)):
+    raise ConfigError(reason)
   runs.accept_config(workdir, runs.resolved_config(config, model_cfg), resuming=resuming)
 
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -105,7 +108,7 @@ def build(config, workdir: str, devices=None) -> Setup:
   frozen = jax.device_put(frozen_host, frozen_sharding) if frozen_host else {}
   meta = {"tokenizer_sha256": tokenizer.sha256, "model": dataclasses.asdict(model_cfg)}
   if source:
-    meta["init_from"] = runs.identity(*source)  # a LoRA checkpoint is only its delta: name its base
+    meta["init_from"] = runs.fingerprint(*source)  # a LoRA checkpoint is only its delta: name its base
 
   state, start_step = _restore_or_init(config, workdir, checkpointer, tuning, init, rng, state_sharding, data_iter,
                                        meta, frozen, source, base, source_params)

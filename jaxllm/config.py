@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from jaxllm import model as model_lib, peft, tasks
+from jaxllm import model as model_lib, peft, sharding, tasks
 from jaxllm.errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -129,6 +129,11 @@ def validate_mesh(config, num_devices: int | None):
   _check(n % known == 0, "mesh", f"data*fsdp*tensor={known} does not divide the {n} devices")
   if -1 not in sizes.values():
     _check(known == n, "mesh", f"data*fsdp*tensor={known} != the {n} available devices")
+  if not config.init_from:  # the model's dims from its preset (an init_from run's are checked once resolved)
+    dims = {**model_lib.PRESETS[config.model.size], **{k: v for k, v in model_overrides(config).items() if v}}
+    axis_sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(m, n)))
+    if reason := sharding.indivisible(dims, axis_sizes, sharding.rules_of(config)):
+      raise ConfigError(reason)
   data_parallel = (m.data if m.data > 0 else n // known) * (m.fsdp if m.fsdp > 0 else n // known)
   micro = config.train.batch_size // config.train.grad_accum
   _check(micro % data_parallel == 0, "train.batch_size",

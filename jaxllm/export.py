@@ -47,7 +47,7 @@ def to_run(workdir: str, out: str, step: int | None = None) -> str:
   params = jax.tree.map(jnp.asarray, runs.load_params(run_dir, step))
   _new_dir(out)
   config = runs.read_config(run_dir)
-  config["lora"]["enabled"], config["exported_from"] = False, runs.identity(run_dir, step)
+  config["lora"]["enabled"], config["exported_from"] = False, runs.fingerprint(run_dir, step)
   shutil.copy(os.path.join(run_dir, runs.TOKENIZER), os.path.join(out, runs.TOKENIZER))
   _save_run(out, config, step, params, {"exported_from": config["exported_from"]})
   return out
@@ -58,7 +58,7 @@ def import_hf(hf_dir: str, out: str) -> str:
   directory has one)."""
   cfg, params = hf.load(hf_dir)
   _new_dir(out)
-  source = runs.identity(hf_dir, 0)
+  source = runs.fingerprint(hf_dir, 0)
   config = {"model": dataclasses.asdict(cfg), "init_from": "", "lora": {"enabled": False},
             "imported_from": source, "hf_config": hf.read_config(hf_dir)}
   if os.path.exists(os.path.join(hf_dir, runs.TOKENIZER)):

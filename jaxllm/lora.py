@@ -301,21 +301,6 @@ def num_trainable(lora_params) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(lora_params))
 
 
-def num_trainable_formula(cfg, *, rank: int, targets) -> int:
-  """r·(in + out) per targeted matrix, × num_layers for layer weights, from a model.ModelConfig: the count
-  `num_trainable(init(...))` must equal. Targets are matched against the scanned paths ("layers/...")."""
-  d, h, k, e, f, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
-  layer = {"attn/q/kernel": (d, h * e), "attn/k/kernel": (d, k * e), "attn/v/kernel": (d, k * e),
-           "attn/o/kernel": (h * e, d), "mlp/gate/kernel": (d, f), "mlp/up/kernel": (d, f),
-           "mlp/down/kernel": (f, d)}
-  matrices = {f"layers/{name}": (i, o, cfg.num_layers) for name, (i, o) in layer.items()}
-  matrices["embed/embedding"] = (v, d, 1)
-  if not cfg.tie_embeddings:
-    matrices["lm_head/kernel"] = (d, v, 1)
-  patterns = [p for _, ps in resolve_targets(targets) for p in ps]
-  return sum(rank * (i + o) * n for path, (i, o, n) in matrices.items() if any(re.search(p, path) for p in patterns))
-
-
 # ---------------------------------------------------------------------------------------------- int8 base
 
 

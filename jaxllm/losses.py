@@ -59,22 +59,23 @@ def mean_sequence_logprobs(logits_BxTxV, targets_BxT, mask_BxT):
   return sequence_logprobs(logits_BxTxV, targets_BxT, mask_BxT) / jnp.maximum(answer_lengths(mask_BxT), 1e-8)
 
 
-def _sigmoid(margin_B, *, beta, label_smoothing, gamma):
+def _sigmoid(chosen_B, rejected_B, *, beta, label_smoothing, gamma):
   """DPO (cDPO with label smoothing ε; SimPO's target margin γ): −(1 − ε)·log σ(h) − ε·log σ(−h), h = β·Δ − γ."""
-  h_B = beta * margin_B - gamma
+  h_B = beta * (chosen_B - rejected_B) - gamma
   return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h_B) - label_smoothing * jax.nn.log_sigmoid(-h_B)
 
 
-def _ipo(margin_B, *, beta, label_smoothing, gamma):
+def _ipo(chosen_B, rejected_B, *, beta, label_smoothing, gamma):
   """IPO (Azar et al. 2023, eq. 17, with β as their τ; also TRL's convention): (Δ − 1/(2β))²."""
   del label_smoothing, gamma
-  return (margin_B - 1.0 / (2.0 * beta)) ** 2
+  return ((chosen_B - rejected_B) - 1.0 / (2.0 * beta)) ** 2
 
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceLoss:
-  """One kind of preference loss: per-pair loss of the margin Δ, and what it compares."""
-  fn: Callable              # (margin_B, *, beta, label_smoothing, gamma) -> loss_B
+  """One kind of preference loss: the per-pair loss of the chosen and rejected answers' scores (log-ratios to the
+  reference, or the policy's own log-probs without one; Δ = chosen − rejected), and what those scores are."""
+  fn: Callable              # (chosen_B, rejected_B, *, beta, label_smoothing, gamma) -> loss_B
   needs_reference: bool     # Δ of log-ratios to a frozen reference (else of the policy's log-probs alone)
   length_normalised: bool   # log-probs averaged over answer tokens (else summed)
   label_smoothing: bool = True  # has a label-smoothed form
@@ -112,7 +113,7 @@ def dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
   if not 0.0 <= label_smoothing <= 0.5:
     raise ValueError(f"dpo label_smoothing must be in [0, 0.5], got {label_smoothing}")
   if label_smoothing and not spec.label_smoothing:
-    raise ValueError(f"dpo label_smoothing has no {kind} form (use kind='sigmoid' for cDPO)")
+    raise ValueError(f"dpo label_smoothing has no {kind.upper()} form (use kind='sigmoid' for cDPO)")
   if gamma and not spec.margin:
     raise ValueError(f"dpo gamma is SimPO's target margin; kind {kind!r} has none")
   f32 = lambda x: jnp.asarray(x, jnp.float32)
@@ -123,7 +124,7 @@ def dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
     if ref_chosen_logps is None or ref_rejected_logps is None:
       raise ValueError(f"dpo kind {kind!r} needs the reference log-probs")
     chosen_B, rejected_B = pc_B - f32(ref_chosen_logps), pr_B - f32(ref_rejected_logps)
-  loss_B = spec.fn(chosen_B - rejected_B, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+  loss_B = spec.fn(chosen_B, rejected_B, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
   return loss_B, beta * chosen_B, beta * rejected_B
 
 

@@ -163,7 +163,7 @@ def location(run_dir: str, step: int) -> str:
   return f"{run_dir} (Hugging Face model)" if hf.is_hf_dir(run_dir) else f"{run_dir}/{CHECKPOINTS}/{step}"
 
 
-def identity(run_dir: str, step: int) -> str:
+def fingerprint(run_dir: str, step: int) -> str:
   """Names one checkpoint exactly: its run, step and commit time (a run retrained in place gets a new one); a
   Hugging Face directory by a hash of its files' names, sizes and modification times."""
   if hf.is_hf_dir(run_dir):

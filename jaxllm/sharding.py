@@ -35,6 +35,26 @@ RULES = (
 )
 
 
+# logical name -> the ModelConfig field that sizes it
+MODEL_DIMS = {"vocab": "vocab_size", "embed": "d_model", "heads": "num_heads", "kv_heads": "num_kv_heads",
+              "head_dim": "head_dim", "mlp": "mlp_dim", "layers": "num_layers"}
+
+
+def indivisible(model_dims: dict, axis_sizes: dict, rules=RULES) -> str | None:
+  """Why the model's dims cannot be split over the mesh by the rules (one line naming the mesh axis and the model
+  field), or None. `model_dims` maps ModelConfig fields to sizes (a field that is None is not checked)."""
+  for name, axes in rules:
+    size = model_dims.get(MODEL_DIMS.get(name))
+    if size is None or axes is None:
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    parts = math.prod(axis_sizes[a] for a in axes)
+    if size % parts:
+      return (f"mesh.{'*'.join(axes)}: {parts} does not divide the model's {MODEL_DIMS[name]}={size} (logical axis "
+              f"{name!r} is split over {', '.join(axes)}); choose a mesh that divides it")
+  return None
+
+
 def rules_of(config) -> tuple:
   """The config's rules table as a tuple of (name, mesh axes) pairs (JSON turns tuples into lists)."""
   as_axes = lambda a: tuple(a) if isinstance(a, (list, tuple)) else a

@@ -55,6 +55,23 @@ def test_mesh_and_batch_over_devices():
     config_lib.validate(c, num_devices=8)
 
 
+def test_mesh_must_divide_the_model():
+  """Every dim a rule splits (heads, KV heads, MLP, embed, vocab) divides by its mesh axes, before anything runs."""
+  c = pretrain_tiny.get_config()
+  c.mesh.data, c.mesh.tensor = 1, 4          # the tiny preset has 2 KV heads
+  with pytest.raises(config_lib.ConfigError, match=r"mesh\.tensor: 4 does not divide the model's num_kv_heads=2"):
+    config_lib.validate(c, num_devices=4)
+  c.mesh.data, c.mesh.tensor = 2, 2
+  config_lib.validate(c, num_devices=4)
+  c.model.mlp_dim = 513
+  with pytest.raises(config_lib.ConfigError, match=r"mesh\.tensor: 2 does not divide the model's mlp_dim=513"):
+    config_lib.validate(c, num_devices=4)
+  c.model.mlp_dim, c.mesh.data, c.mesh.tensor, c.mesh.fsdp = None, 1, 1, 3
+  c.train.batch_size = 12
+  with pytest.raises(config_lib.ConfigError, match=r"mesh\.fsdp: 3 does not divide the model's d_model=128"):
+    config_lib.validate(c, num_devices=3)
+
+
 def test_resolve_model_vocab():
   c = pretrain_tiny.get_config()
   assert config_lib.resolve_model(c, 2048).vocab_size == 2048  # the tokenizer's

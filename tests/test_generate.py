@@ -241,3 +241,14 @@ def test_cli_plain_prompts(workdir, capsys):
   want = "".join(f"--- {i} ---\n{p}{tokenizer.decode([t for t in o if t != tokenizer.eos_id])}\n"
                  for i, (p, o) in enumerate(zip(prompts, outs)))
   assert capsys.readouterr().out == want
+
+
+def test_cli_refuses_empty_and_overlong_prompts(workdir, capsys):
+  """An empty prompt, and a prompt whose tokens plus --max_new_tokens exceed the run's train.seq_len: one line,
+  exit 2, before any compilation."""
+  assert cli.main(["generate", "--workdir", workdir, "--prompt", " "]) == 2
+  assert capsys.readouterr().err.strip() == "error: --prompt: an empty prompt; give the text to continue (or to answer, with --chat)"
+  long = "the cat sees the moon. " * 20
+  assert cli.main(["generate", "--workdir", workdir, "--prompt", long, "--max_new_tokens", "4"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "exceed the 32 tokens the run was trained on (train.seq_len)" in err[0]

@@ -273,15 +273,15 @@ def test_init_from_a_hugging_face_directory_hooks(tmp_path, corpus_dir, tokenize
   cfg, params = hf_dir_for_tiny_config(d, tokenizer_320)
   run_dir, step = runs.resolve(str(d))
   assert (run_dir, step) == (str(d), 0) and hf.is_hf_dir(str(d))
-  ident = runs.identity(run_dir, step)
+  ident = runs.fingerprint(run_dir, step)
   assert ident.startswith(f"{d}@hf:")
   assert_trees_equal(runs.load_params(run_dir, step), params)
   config = tiny_config(corpus_dir, init_from=str(d), **{"model.dtype": "bfloat16"})
   assert runs.model_for(config, run_dir, 0) == dataclasses.replace(
       cfg, dtype="bfloat16", remat_policy=config.model.remat_policy, scan_layers=config.model.scan_layers)
   assert runs.tokenizer_file(str(d)) == str(d / "tokenizer.model")
-  os.utime(d / "model.safetensors", ns=(1, 1))  # changed weights get a new identity
-  assert runs.identity(run_dir, step) != ident
+  os.utime(d / "model.safetensors", ns=(1, 1))  # changed weights get a new fingerprint
+  assert runs.fingerprint(run_dir, step) != ident
 
 
 def test_init_from_refusals(tmp_path, corpus_dir, tokenizer_320):

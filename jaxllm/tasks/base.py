@@ -104,7 +104,7 @@ class Task:
     """The fields of a host batch the step reads."""
     return batch
 
-  def prepare(self, model_cfg, reference_params, train_source, tokenizer, workdir: str, reference_identity,
+  def prepare(self, model_cfg, reference_params, train_source, tokenizer, workdir: str, reference_fingerprint,
               log=print):
     """Work done once before the first step, given the frozen trees (`reference_params()`: the reference's)."""
 

@@ -119,18 +119,18 @@ class Preference(Task):
 
   # ---- the reference cache
 
-  def prepare(self, model_cfg, reference_params, train_source, tokenizer, workdir, reference_identity, log=print):
+  def prepare(self, model_cfg, reference_params, train_source, tokenizer, workdir, reference_fingerprint, log=print):
     if self.config.dpo.cache_reference:
       path, computed = self.cache_reference(model_cfg, reference_params(), train_source, tokenizer, workdir,
-                                            reference_identity)
+                                            reference_fingerprint)
       log(f"reference log-probs of {len(train_source)} pairs {'computed into' if computed else 'read from'} {path}")
 
-  def cache_reference(self, model_cfg, reference_params, pairs, tokenizer, workdir: str, reference_identity: str):
+  def cache_reference(self, model_cfg, reference_params, pairs, tokenizer, workdir: str, reference_fingerprint: str):
     """Reads (or computes and writes) the reference log-probs of every training pair; the train batches carry
     them from then on. `reference_params` are the reference's params. Returns (path, computed)."""
     if jax.process_count() > 1:
       raise ValueError("dpo.cache_reference: supported in single-process runs only")
-    key = self._cache_key(tokenizer.sha256, reference_identity, len(pairs))
+    key = self._cache_key(tokenizer.sha256, reference_fingerprint, len(pairs))
     path = os.path.join(workdir, f"reference_logps-{key}.npz")
     computed = not os.path.exists(path)
     if computed:
@@ -141,9 +141,9 @@ class Preference(Task):
       self.cached = f["chosen"], f["rejected"]
     return path, computed
 
-  def _cache_key(self, tokenizer_sha256: str, reference_identity: str, num_pairs: int) -> str:
+  def _cache_key(self, tokenizer_sha256: str, reference_fingerprint: str, num_pairs: int) -> str:
     c, d = self.config, self.config.data
-    parts = [tokenizer_sha256, reference_identity, d.sources, d.validation_fraction, d.hard_fraction, c.seed,
+    parts = [tokenizer_sha256, reference_fingerprint, d.sources, d.validation_fraction, d.hard_fraction, c.seed,
              d.overlong, c.train.seq_len, c.dpo.kind, c.lora.quantize_base, num_pairs]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
