@@ -7,8 +7,9 @@
 
 `python -m jaxllm.train|generate|export|hf` are the same commands. A refusal (a bad config value, bad data, a
 resume the run directory refuses, a missing file) prints one line, `error: <what>: <why>`, and exits 2; a
-preemption (SIGTERM) exits 75 after saving; anything else is a crash, with its traceback (exit 1). `--debug` (or
-JAXLLM_DEBUG=1) shows the traceback of a refusal too.
+preemption (SIGTERM) exits 75 after saving; anything else is a crash, with its traceback on stderr and, for
+`train`, appended to WORKDIR/crash.log (exit 1). `--debug` (or JAXLLM_DEBUG=1) shows the traceback of a refusal
+too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import difflib
 import importlib.util
 import os
 import sys
+import time
 import traceback
 
 import jax
@@ -33,6 +35,7 @@ from jaxllm.errors import PREEMPTED_EXIT_CODE, ConfigError, Preempted, RunError
 from jaxllm.hf import DTYPES
 from jaxllm.lock import WorkdirLocked
 
+CRASH_LOG = "crash.log"  # in the workdir: the traceback of each crash (exit 1)
 REFUSALS = (ConfigError, DataError, RunError, WorkdirLocked, CheckpointError, FileNotFoundError, FileExistsError)
 USAGE_EXIT_CODE = 2
 
@@ -52,7 +55,16 @@ def train(argv: list[str]) -> int:
     raise ConfigError("--workdir is required (jaxllm train --config FILE[:arg] --workdir DIR)")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   distributed.initialize()
-  train_lib.run(names.config, names.workdir)
+  try:
+    train_lib.run(names.config, names.workdir)
+  except REFUSALS + (Preempted,):
+    raise
+  except Exception:  # a crash: its traceback on stderr and in the workdir, for whoever looks at the run later
+    if jax.process_index() == 0 and os.path.isdir(names.workdir):
+      with open(os.path.join(names.workdir, CRASH_LOG), "a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC: jaxllm train {' '.join(argv)}\n")
+        f.write(traceback.format_exc())
+    raise
   return 0
 
 

@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
@@ -25,7 +26,6 @@ class MetricsWriter:
       self._truncate_after(resume_step)
     elif os.path.exists(self.path):
       os.remove(self.path)  # a fresh run in a workdir that holds no checkpoint
-    from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def _truncate_after(self, step: int):

@@ -30,8 +30,10 @@ import json
 import os
 from collections.abc import Sequence
 
+import chatterbot_corpus.corpus
 import grain
 import numpy as np
+import yaml
 
 from jaxllm.data import chat, pipeline
 from jaxllm.data import sources
@@ -97,18 +99,12 @@ def chatterbot_conversations(languages: Sequence[str] | None = None) -> list[lis
 
 
 def _chatterbot_dir() -> str:
-  try:
-    from chatterbot_corpus import corpus
-  except ImportError:
-    raise DataError("spec 'chatterbot' needs the chatterbot-corpus package "
-                    "(pip install chatterbot-corpus)") from None
-  return corpus.DATA_DIRECTORY
+  return chatterbot_corpus.corpus.DATA_DIRECTORY
 
 
 @functools.lru_cache(maxsize=None)
 def _chatterbot_language(language: str) -> tuple[tuple[str, ...], ...]:
   """The usable utterance lists of one language: even-length, >= 2 strings (a file parses once)."""
-  import yaml
   loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
   root = os.path.join(_chatterbot_dir(), language)
   paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
