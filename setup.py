@@ -4,7 +4,7 @@ setup(
     name="jaxllm",
     version="0.1.0",
     description="A JAX codebase for pretraining, SFT, LoRA and DPO of decoder-only language models.",
-    packages=["jaxllm", "jaxllm.data", "jaxllm.tasks", "configs"],
+    packages=["jaxllm", "jaxllm.data", "jaxllm.sweep", "jaxllm.tasks", "configs"],
     entry_points={"console_scripts": ["jaxllm = jaxllm.cli:entry"]},
     python_requires=">=3.10,<3.13",
     install_requires=[

@@ -4,8 +4,9 @@
   jaxllm generate --workdir DIR --prompt TEXT [--prompt TEXT ...] [--chat] [--temperature 0.8 ...]
   jaxllm export --workdir DIR --out NEW_RUN [--step N]           # a LoRA run merged, as a full run directory
   jaxllm hf import --hf HF_DIR --out RUN | jaxllm hf export --workdir RUN --out HF_DIR [--peft]
+  jaxllm sweep --config FILE[:arg] --workdir DIR [--parallel N] [--slurm] [--dry-run] | jaxllm sweep report DIR
 
-`python -m jaxllm.train|generate|export|hf` are the same commands. A refusal (a bad config value, bad data, a
+`python -m jaxllm.train|generate|export|hf|sweep` are the same commands. A refusal (a bad config value, bad data, a
 resume the run directory refuses, a missing file) prints one line, `error: <what>: <why>`, and exits 2; a
 preemption (SIGTERM) exits 75 after saving; anything else is a crash, with its traceback on stderr and, for
 `train`, appended to WORKDIR/crash.log (exit 1). `--debug` (or JAXLLM_DEBUG=1) shows the traceback of a refusal
@@ -15,25 +16,23 @@ too.
 from __future__ import annotations
 
 import argparse
-import difflib
-import importlib.util
 import os
 import sys
 import time
 import traceback
 
 import jax
-import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxllm import distributed, export, generate as generate_lib, runs, train as train_lib
+from jaxllm import config as config_lib, distributed, export, generate as generate_lib, runs, train as train_lib
 from jaxllm.checkpoint import CheckpointError
 from jaxllm.data import chat
 from jaxllm.data.sources import DataError
 from jaxllm.errors import PREEMPTED_EXIT_CODE, ConfigError, Preempted, RunError
 from jaxllm.hf import DTYPES
 from jaxllm.lock import WorkdirLocked
+from jaxllm.sweep import command as sweep_command
 
 CRASH_LOG = "crash.log"  # in the workdir: the traceback of each crash (exit 1)
 REFUSALS = (ConfigError, DataError, RunError, WorkdirLocked, CheckpointError, FileNotFoundError, FileExistsError)
@@ -78,23 +77,12 @@ def _check_config_flags(argv: list[str]):
       values[key] = value if sep else (argv[i + 1] if i + 1 < len(argv) else "")
   if "config" not in values:
     raise ConfigError("--config is required (jaxllm train --config FILE[:arg] --workdir DIR)")
-  path, _, arg = values.pop("config").partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"--config: no file {path!r}")
-  spec = importlib.util.spec_from_file_location("jaxllm_config_file", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
+  config = config_lib.load(values.pop("config"))
   for key in values:
-    node, parts = config, key.split(".")[1:]
-    for depth, part in enumerate(parts):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        near = difflib.get_close_matches(part, known, n=1)
-        where = ".".join(parts[:depth + 1])
-        raise ConfigError(f"--config.{where}: no such config key" + (f"; did you mean {near[0]!r}?" if near else
-                                                                    f"; known: {', '.join(known)}" if known else ""))
-      node = node[part]
+    try:
+      config_lib.check_key(config, key.removeprefix("config."))
+    except ConfigError as e:
+      raise ConfigError(f"--config.{e}") from None
 
 
 def generate(argv: list[str]) -> int:
@@ -167,7 +155,7 @@ def hf(argv: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"train": train, "generate": generate, "export": export_run, "hf": hf}
+COMMANDS = {"train": train, "generate": generate, "export": export_run, "hf": hf, "sweep": sweep_command.main}
 
 
 def main(argv: list[str] | None = None) -> int:

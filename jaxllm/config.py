@@ -4,7 +4,10 @@ anything is compiled and names the offending key."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
+import difflib
+import importlib.util
 import os
 
 import jax
@@ -39,6 +42,51 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = value
   return out
+
+
+def load_module(spec: str):
+  """The Python module of a config file named as `FILE[:arg]` (the arg is ignored here)."""
+  path = spec.partition(":")[0]
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config: no file {path!r}")
+  module_spec = importlib.util.spec_from_file_location(f"jaxllm_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config of `FILE[:arg]`: the file's get_config(arg) (get_config() without an arg)."""
+  _, _, arg = spec.partition(":")
+  module = load_module(spec)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_key(config, key: str) -> None:
+  """Raises ConfigError naming a dotted key the config does not have (with the nearest known name)."""
+  node, parts = config, key.split(".")
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      near = difflib.get_close_matches(part, known, n=1)
+      raise ConfigError(f"{'.'.join(parts[:depth + 1])}: no such config key"
+                        + (f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(known)}" if known else ""))
+    node = node[part]
+
+
+def override(config, key: str, value) -> None:
+  """Sets a dotted key as `--config.key=value` would, with the field's type checked (an int field takes an int,
+  a float field an int or a float); raises ConfigError naming the key."""
+  check_key(config, key)
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  try:
+    with node.unlocked() if node.is_locked else contextlib.nullcontext():
+      node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{key}: {value!r} does not fit the field ({' '.join(str(e).split())})") from e
 
 
 def _check(cond: bool, key: str, message: str):
