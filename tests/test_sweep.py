@@ -100,16 +100,16 @@ def _sweep(argv, **kw):
 
 def test_a_failing_point_does_not_stop_the_others_and_a_rerun_retries_it(tmp_path, corpus_dir):
   (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
-  path = sweep_file(tmp_path, '[{"seed": 0}, {"seed": 1, "data.sources": %r, "name": "broken"}, {"seed": 2}]'
+  path = sweep_file(tmp_path, '[{"seed": 0}, {"seed": 1, "data.sources": %r, "name": "broken"}]'
                     % str(tmp_path / "bad.jsonl"))
   spec, workdir = f"{path}:{corpus_dir}", str(tmp_path / "s")
   proc = _sweep(["--config", spec, "--workdir", workdir, "--parallel", "2"])
   assert proc.returncode == 1, proc.stderr[-3000:]
-  status = {n: runner.read_status(os.path.join(workdir, n)) for n in ("seed=0", "broken", "seed=2")}
-  assert {n: s["status"] for n, s in status.items()} == {"seed=0": "done", "broken": "failed", "seed=2": "done"}
+  status = {n: runner.read_status(os.path.join(workdir, n)) for n in ("seed=0", "broken")}
+  assert {n: s["status"] for n, s in status.items()} == {"seed=0": "done", "broken": "failed"}
   failed = "broken"
   assert "bad.jsonl:2" in status[failed]["error"] and status[failed]["returncode"] == 2
-  assert "failed" in proc.stderr and "sweep: 2 done, 0 running, 1 failed" in proc.stdout
+  assert "failed" in proc.stderr and "sweep: 1 done, 0 running, 1 failed" in proc.stdout
   results = open(os.path.join(workdir, "results.md")).read()
   assert "seed=0" in results and "failed" in results
   assert json.load(open(os.path.join(workdir, "sweep.json")))["axes"] == ["seed", "data.sources"]
@@ -122,24 +122,24 @@ def test_a_failing_point_does_not_stop_the_others_and_a_rerun_retries_it(tmp_pat
 
 
 def test_a_point_killed_mid_run_resumes_from_its_checkpoint(tmp_path, corpus_dir):
-  path = sweep_file(tmp_path, '[{"seed": 0}, {"seed": 1}]', steps=400)
+  path = sweep_file(tmp_path, '[{"seed": 0}]', steps=400)
   spec, workdir = f"{path}:{corpus_dir}", str(tmp_path / "s")
   proc = subprocess.Popen([sys.executable, "-m", "jaxllm.sweep", "--config", spec, "--workdir", workdir], cwd=ROOT,
                           env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-  checkpoints = os.path.join(workdir, "seed=0", "checkpoints")
+  checkpoints = os.path.join(workdir, "point0", "checkpoints")
   deadline = time.time() + 240
   while not (os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints))):
     assert time.time() < deadline and proc.poll() is None
     time.sleep(0.2)
   os.killpg(proc.pid, signal.SIGKILL)  # the runner and its training process, at once
   proc.wait()
-  assert runner.read_status(os.path.join(workdir, "seed=0"))["status"] == "running"  # as the kill left it
-  path = sweep_file(tmp_path, '[{"seed": 0}, {"seed": 1}]', steps=40)  # shorter: train.steps may change
+  assert runner.read_status(os.path.join(workdir, "point0"))["status"] == "running"  # as the kill left it
+  path = sweep_file(tmp_path, '[{"seed": 0}]', steps=40)  # shorter: train.steps may change
   done = _sweep(["--config", spec, "--workdir", workdir])
   assert done.returncode == 0, done.stderr[-3000:]
-  log = open(os.path.join(workdir, "seed=0", "train.log")).read()
+  log = open(os.path.join(workdir, "point0", "train.log")).read()
   assert "--- attempt 2" in log and "resumed from" in log.split("--- attempt 2")[1]
-  assert max(r["step"] for r in map(json.loads, open(os.path.join(workdir, "seed=0", "metrics.jsonl")))) == 40
+  assert max(r["step"] for r in map(json.loads, open(os.path.join(workdir, "point0", "metrics.jsonl")))) == 40
 
 
 def test_slurm_array_scripts_of_a_chained_sweep(tmp_path):
