@@ -70,8 +70,8 @@ def build(config, workdir: str, devices=None) -> Setup:
   os.makedirs(workdir, exist_ok=True)
   t = config.train
   task = tasks.make(config)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, runs.CHECKPOINTS), keep=t.keep_checkpoints)
-  resuming = checkpointer.latest_step() is not None
+  checkpoints = os.path.join(workdir, runs.CHECKPOINTS)
+  resuming = os.path.isdir(checkpoints) and checkpoint.latest_step(checkpoints) is not None
   source = runs.resolve(config.init_from) if config.init_from else None  # (run dir, step)
   train_source, val_source, skipped = task.sources()
   if skipped is not None and skipped.bad:
@@ -110,10 +110,15 @@ def build(config, workdir: str, devices=None) -> Setup:
   if source:
     meta["init_from"] = runs.fingerprint(*source)  # a LoRA checkpoint is only its delta: name its base
 
-  state, start_step = _restore_or_init(config, workdir, checkpointer, tuning, init, rng, state_sharding, data_iter,
-                                       meta, frozen, source, base, source_params)
-  task.prepare(model_cfg, lambda: tuning.reference_params(frozen), train_source, tokenizer, workdir,
-               meta.get("init_from"), log=log)
+  checkpointer = checkpoint.Checkpointer(checkpoints, keep=t.keep_checkpoints)  # created once the run is accepted
+  try:
+    state, start_step = _restore_or_init(config, workdir, checkpointer, tuning, init, rng, state_sharding,
+                                         data_iter, meta, frozen, source, base, source_params)
+    task.prepare(model_cfg, lambda: tuning.reference_params(frozen), train_source, tokenizer, workdir,
+                 meta.get("init_from"), log=log)
+  except BaseException:
+    checkpointer.close_after_error()
+    raise
 
   peak = metrics_lib.measure_peak_flops(model_cfg.dtype) * len(devices)
   n_trainable = sum(x.size for x in jax.tree.leaves(state.params))

@@ -82,6 +82,14 @@ class Checkpointer:
     for thread in self._deleting:
       thread.join()
 
+  def close_after_error(self):
+    """Closes while another error is on its way out: stops orbax's background work (which would otherwise print
+    its own errors at interpreter exit) and lets the caller's error be the one reported."""
+    try:
+      self.close()
+    except Exception:  # the save that failed already raised; the run's error says what happened
+      pass
+
   def _error(self, step, cause: Exception) -> CheckpointError:
     try:
       self.manager.reload()  # the committed steps on disk: the failed one is not among them

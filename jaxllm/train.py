@@ -29,7 +29,12 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   loop after saving the current step; while loading or compiling, before the first step, with nothing to save.
   """
   with _sigterm_flag() as preempted, _one_writer(workdir):  # from the start: SIGTERM while loading is caught too
-    return loop(build(config, workdir, devices), preempted, stop_after=stop_after)
+    setup = build(config, workdir, devices)
+    try:
+      return loop(setup, preempted, stop_after=stop_after)
+    except BaseException:
+      setup.checkpointer.close_after_error()
+      raise
 
 
 @contextlib.contextmanager

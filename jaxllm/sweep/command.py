@@ -55,6 +55,19 @@ def run_point(sweep_dir: str, name: str) -> int:
   return returncode
 
 
+def run(spec: str, sweep_dir: str, *, parallel: int = 1, gpus=(), points=None, log=None) -> dict[str, str]:
+  """Runs the sweep of the config `spec` in `sweep_dir` (validated, recorded, its unfinished points run) and
+  writes its report; returns {point name: status}. `points`: (points, axes, short) already loaded."""
+  log = log or (lambda message: print(message, flush=True))
+  points, axes, short = points or points_lib.load(spec)
+  points_lib.validate(points, lambda name: os.path.join(sweep_dir, name))
+  _save(sweep_dir, spec, points, axes, short)
+  log(f"sweep {spec}: {len(points)} points in {sweep_dir}, {parallel} at a time")
+  statuses = runner.run_local(points, sweep_dir, parallel=parallel, gpus=list(gpus), log=log)
+  report.write(sweep_dir)
+  return statuses
+
+
 def main(argv: list[str]) -> int:
   if argv[:1] == ["report"]:
     if len(argv) != 2:
@@ -96,11 +109,9 @@ def main(argv: list[str]) -> int:
     if args.submit:
       return subprocess.call([written[-1]])
     return 0
-  print(f"sweep {args.config}: {len(points)} points in {sweep_dir}, {args.parallel} at a time", flush=True)
-  statuses = runner.run_local(points, sweep_dir, parallel=args.parallel,
-                              gpus=[g for g in args.gpus.split(",") if g], log=lambda m: print(m, flush=True))
-  written = report.write(sweep_dir)
-  with open(written["md"]) as f:
+  statuses = run(args.config, sweep_dir, parallel=args.parallel, gpus=[g for g in args.gpus.split(",") if g],
+                 points=(points, axes, short))
+  with open(os.path.join(sweep_dir, "results.md")) as f:
     print(f.read())
   failed = [n for n, s in statuses.items() if s != "done"]
   for name in failed:

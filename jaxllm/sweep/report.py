@@ -262,7 +262,7 @@ def _plot_vs_axis(plt, rows: list[dict], groups: list[dict], axis: str, others: 
     if seeds:
       ax.scatter(*zip(*seeds), s=10, alpha=0.4, color=bars.lines[0].get_color())
   values = [g[axis] for members in lines.values() for g in members]
-  if min(values) > 0 and max(values) > 10 * min(values):
+  if min(values) > 0 and max(values) >= 10 * min(values):
     ax.set_xscale("log")
   ax.set_xlabel(axis)
   ax.set_ylabel(metric)

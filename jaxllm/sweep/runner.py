@@ -64,8 +64,10 @@ def _last_error(log_path: str) -> str:
   return (errors or lines or [""])[-1][:500]
 
 
-def run_point(point: Point, sweep_dir: str, *, env=None, preexec_fn=None) -> subprocess.Popen:
-  """Starts a point's run (its output appended to DIR/<name>/train.log) and marks it running."""
+def run_point(point: Point, sweep_dir: str, *, env=None, cores: set | None = None) -> subprocess.Popen:
+  """Starts a point's run (its output appended to DIR/<name>/train.log) and marks it running; with `cores`, its
+  process runs on those CPU cores only (set by a small exec wrapper: a fork of this process, which may have
+  started jax's threads, must not run Python code)."""
   point_dir = os.path.join(sweep_dir, point.name)
   attempts = read_status(point_dir).get("attempts", 0) + 1
   write_status(point_dir, status="running", attempts=attempts, started=time.time(), returncode=None, wall_s=0.0,
@@ -73,8 +75,11 @@ def run_point(point: Point, sweep_dir: str, *, env=None, preexec_fn=None) -> sub
   log = open(os.path.join(point_dir, LOG), "a")
   log.write(f"--- attempt {attempts}: {shlex.join(command(point, sweep_dir))}\n")
   log.flush()
-  return subprocess.Popen(command(point, sweep_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
-                          preexec_fn=preexec_fn, cwd=os.getcwd())
+  args = command(point, sweep_dir)
+  if cores:
+    pin = f"import os, sys; os.sched_setaffinity(0, {sorted(cores)}); os.execv(sys.executable, sys.argv[1:])"
+    args = [sys.executable, "-c", pin, *args]
+  return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
 
 
 def finish_point(point: Point, sweep_dir: str, returncode: int):
@@ -107,7 +112,7 @@ def run_local(points: list[Point], sweep_dir: str, *, parallel: int = 1, gpus: l
   slots, walls, start = list(range(parallel)), [], time.time()
   groups = _core_groups(parallel)
   per_slot = [gpus[i::parallel] for i in range(parallel)] if gpus else None
-  last_line = ""
+  last_counts, last_log = None, 0.0
   while todo or running:
     for p in [p for p in todo if any(a in failed for a in p.after)]:
       write_status(os.path.join(sweep_dir, p.name), status="failed", returncode=None, attempts=0, wall_s=0.0,
@@ -121,9 +126,8 @@ def run_local(points: list[Point], sweep_dir: str, *, parallel: int = 1, gpus: l
       env = dict(os.environ)
       if per_slot:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(per_slot[slot])
-      cores = groups[slot]
-      pin = (lambda: os.sched_setaffinity(0, cores)) if cores and hasattr(os, "sched_setaffinity") else None
-      running[p.name] = (run_point(p, sweep_dir, env=env, preexec_fn=pin), slot, p)
+      cores = groups[slot] if parallel > 1 and hasattr(os, "sched_setaffinity") else None
+      running[p.name] = (run_point(p, sweep_dir, env=env, cores=cores), slot, p)
       todo.remove(p)
     for name, (proc, slot, p) in list(running.items()):
       if proc.poll() is None:
@@ -133,10 +137,10 @@ def run_local(points: list[Point], sweep_dir: str, *, parallel: int = 1, gpus: l
       walls.append(read_status(os.path.join(sweep_dir, name))["wall_s"])
       slots.append(slot)
       del running[name]
-    line = _progress(len(done), len(running), len(failed), len(todo), walls, parallel, time.time() - start)
-    if line != last_line:
-      log(line)
-      last_line = line
+    counts = (len(done), len(running), len(failed), len(todo))
+    if counts != last_counts or time.time() - last_log > 60:  # on every change, else once a minute
+      log(_progress(*counts, walls, parallel, time.time() - start))
+      last_counts, last_log = counts, time.time()
     if todo or running:
       time.sleep(poll)
   return {p.name: read_status(os.path.join(sweep_dir, p.name))["status"] for p in points}
