@@ -86,6 +86,7 @@ def plot(directory: str, result: dict) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   fig, ax = plt.subplots(figsize=(6, 4))
   n = np.array([s["n"] for s in result["scaling"]], float)
@@ -98,6 +99,10 @@ def plot(directory: str, result: dict) -> list[str]:
           label=f"fit: {result['a']:.3g}·N^-{result['alpha']:.3f} (R² {result['r2']:.3f})")
   ax.set_xscale("log")
   ax.set_yscale("log")
+  for axis in (ax.xaxis, ax.yaxis):  # label the decades and a few round losses, not every minor tick
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator([4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0]))
+  ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
   ax.set_xlabel("non-embedding parameters N")
   ax.set_ylabel("validation loss (nats/token)")
   ax.grid(alpha=0.3, which="both")
