@@ -27,10 +27,12 @@ def get_config(arg=None):
   c.data.hard_fraction = 0.5              # share of pairs whose rejected answer is a hard negative
   c.data.overlong = "truncate"            # a pair longer than seq_len: cut the prompt from the left | drop
   c.dpo = ml_collections.ConfigDict()
-  c.dpo.kind = arg.kind                   # sigmoid (DPO) | ipo | simpo
-  c.dpo.beta = 0.1                        # strength of the KL anchor to the reference (simpo: reward scale)
+  c.dpo.kind = arg.kind                   # sigmoid (DPO) | ipo | simpo | orpo (losses.PREFERENCE_LOSSES)
+  c.dpo.beta = 0.1                        # strength of the KL anchor to the reference (simpo: reward scale;
+                                          # orpo: the weight lambda of the odds-ratio term)
   c.dpo.label_smoothing = 0.0             # cDPO: assumed share of flipped labels, in [0, 0.5)
   c.dpo.gamma = 0.0                       # simpo's target margin
+  c.dpo.rpo_alpha = 0.0                   # RPO: + alpha x the chosen answer's per-token NLL (0 = off)
   c.dpo.cache_reference = False           # compute reference log-probs once over the pairs, cache them on disk
   c.lora.enabled = arg.lora               # train a delta; the frozen base is the reference
   c.optimizer.learning_rate /= 3

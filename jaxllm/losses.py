@@ -71,6 +71,14 @@ def _ipo(chosen_B, rejected_B, *, beta, label_smoothing, gamma):
   return ((chosen_B - rejected_B) - 1.0 / (2.0 * beta)) ** 2
 
 
+def _orpo(chosen_B, rejected_B, *, beta, label_smoothing, gamma):
+  """ORPO (Hong et al. 2024, eq. 6-7) on per-token mean log-probs: the chosen answer's NLL plus
+  λ·(−log σ(log odds(c) − log odds(r))), log odds(y) = log p − log(1 − p) with log p the mean log-prob; β is λ."""
+  del label_smoothing, gamma
+  log_odds = lambda logp: logp - jnp.log(-jnp.expm1(jnp.minimum(logp, -1e-6)))  # p < 1: a finite log(1 − p)
+  return -chosen_B - beta * jax.nn.log_sigmoid(log_odds(chosen_B) - log_odds(rejected_B))
+
+
 @dataclasses.dataclass(frozen=True)
 class PreferenceLoss:
   """One kind of preference loss: the per-pair loss of the chosen and rejected answers' scores (log-ratios to the
@@ -87,6 +95,7 @@ PREFERENCE_LOSSES = {
     "sigmoid": PreferenceLoss(_sigmoid, needs_reference=True, length_normalised=False),
     "ipo": PreferenceLoss(_ipo, needs_reference=True, length_normalised=False, label_smoothing=False),
     "simpo": PreferenceLoss(_sigmoid, needs_reference=False, length_normalised=True, margin=True),
+    "orpo": PreferenceLoss(_orpo, needs_reference=False, length_normalised=True, label_smoothing=False),
 }
 DPO_KINDS = tuple(PREFERENCE_LOSSES)
 
@@ -102,6 +111,8 @@ def dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
              TRL divides the log-probs by the answer length for IPO; here the caller chooses what to pass.
     simpo    SimPO (Meng et al. 2024): pass length-normalised policy log-probs (`mean_sequence_logprobs`); no
              reference (its arguments are ignored and may be None).  h = β·(πc − πr) − γ, loss as sigmoid.
+    orpo     ORPO (Hong et al. 2024): length-normalised log-probs, no reference; −πc − β·log σ(odds(c) − odds(r))
+             with odds(y) = log(p/(1 − p)), p = exp(πy): the chosen answer's NLL plus β times the odds-ratio term.
   Rewards are β·(π − ref) (β·π without a reference). `gamma` is SimPO's target margin; label smoothing has no
   IPO form. The kinds are the entries of PREFERENCE_LOSSES.
   """

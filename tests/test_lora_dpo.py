@@ -20,7 +20,7 @@ def dpo_config(corpus_dir, pref_jsonl, init_from, *, use_lora, **overrides):
   c.stage, c.init_from = "dpo", init_from
   c.data.sources, c.data.overlong, c.data.hard_fraction = str(pref_jsonl), "truncate", 0.5
   c.dpo = ml_collections.ConfigDict(dict(kind="sigmoid", beta=0.5, label_smoothing=0.0, gamma=0.0,
-                                         cache_reference=False))
+                                         cache_reference=False, rpo_alpha=0.0))
   c.lora.enabled, c.lora.rank, c.lora.alpha = use_lora, 4, 8.0
   c.optimizer.learning_rate = 1e-2
   return c

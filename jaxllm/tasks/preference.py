@@ -54,6 +54,7 @@ class Preference(Task):
     check(bool(config.init_from), "init_from", "DPO starts from a trained model (usually the SFT run)")
     check(d.kind in losses.PREFERENCE_LOSSES, "dpo.kind", f"{d.kind!r} is not one of {losses.DPO_KINDS}")
     check(d.beta > 0, "dpo.beta", f"must be > 0, got {d.beta}")
+    check(d.rpo_alpha >= 0, "dpo.rpo_alpha", f"must be >= 0 (0 = off), got {d.rpo_alpha}")
     check(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {d.label_smoothing}")
     kind = losses.PREFERENCE_LOSSES[d.kind]
     check(not d.label_smoothing or kind.label_smoothing, "dpo.label_smoothing",
@@ -99,7 +100,7 @@ class Preference(Task):
   def loss_fn(self, model_cfg):
     d = self.config.dpo
     logps = functools.partial(pair_logps, model_cfg, d.kind)
-    needs_reference = self.needs_reference
+    needs_reference, normalised = self.needs_reference, self.kind.length_normalised
 
     def loss_fn(params, batch, frozen, rng=None):
       del rng
@@ -113,6 +114,11 @@ class Preference(Task):
                                                kind=d.kind, label_smoothing=d.label_smoothing, gamma=d.gamma)
       if ref_chosen is not None:  # Σ log π(c) − log π_ref(c) on the data's chosen answers (losses.kl_estimate)
         sums["kl_estimate"] = jnp.sum(chosen - ref_chosen)
+      if d.rpo_alpha:  # RPO (Pang et al. 2024): plus α times the chosen answer's per-token NLL
+        tokens_B = jnp.maximum(losses.answer_lengths(batch["chosen_loss_mask"]), 1.0)
+        nll_B = -chosen if normalised else -chosen / tokens_B
+        total = total + d.rpo_alpha * jnp.sum(nll_B)
+        sums["nll/chosen"] = jnp.sum(nll_B)
       return total, (count, sums)
 
     return loss_fn
