@@ -22,11 +22,14 @@ class MetricsWriter:
     self._tb = None
     if not self.active:
       return
+    tb = os.path.join(workdir, "tb")
     if resume_step is not None:
       self._truncate_after(resume_step)
     elif os.path.exists(self.path):
       os.remove(self.path)  # a fresh run in a workdir that holds no checkpoint
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    # TensorBoard drops the events from this step on that an earlier writer logged (the steps to be redone)
+    purge = resume_step + 1 if resume_step is not None else 0 if os.path.isdir(tb) else None
+    self._tb = SummaryWriter(tb, purge_step=purge)
 
   def _truncate_after(self, step: int):
     """Drops rows logged after `step` by a run that died before its next checkpoint (they will be redone)."""

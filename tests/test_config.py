@@ -123,3 +123,22 @@ def test_schedules_match_their_definitions():
   assert float(wsd(50)) == pytest.approx(1.0) and float(wsd(88)) == pytest.approx(1.0)
   assert float(wsd(99)) == pytest.approx(1.0 - 0.9 * 11 / 22)
   assert float(wsd(110)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"dpo.kind": "simpo", "dpo.cache_reference": True, "lora.enabled": False},
+     r"dpo\.cache_reference: dpo\.kind=simpo uses no reference"),
+    ({"dpo.kind": "orpo", "dpo.cache_reference": True}, r"dpo\.cache_reference: dpo\.kind=orpo uses no reference"),
+    ({"dpo.gamma": 0.5}, r"dpo\.gamma: is SimPO's target margin; dpo\.kind=sigmoid has none"),
+    ({"dpo.kind": "ipo", "dpo.label_smoothing": 0.1}, r"dpo\.label_smoothing: dpo\.kind=ipo has no label-smoothed"),
+    ({"dpo.rpo_alpha": -1.0}, r"dpo\.rpo_alpha: must be >= 0"),
+    ({"dpo.kind": "kto"}, r"dpo\.kind: 'kto' is not one of"),
+])
+def test_preference_options_are_checked_before_any_data(tmp_path, overrides, message):
+  from configs import dpo
+
+  c = dpo.get_config(f"size=tiny,init_from={tmp_path}").unlock()
+  for key, value in overrides.items():
+    config_lib.override(c, key, value)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c, num_devices=1)

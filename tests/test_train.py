@@ -72,6 +72,30 @@ def test_resume_gives_identical_metrics_and_params(straight_run, corpus_dir, tmp
     for key in EXACT_KEYS:
       assert ra.get(key) == rb.get(key), (ra["step"], key)
   jax.tree.map(np.testing.assert_array_equal, _final_params(straight), _final_params(workdir))
+  # TensorBoard, read back as it reads: the rows the crash logged after checkpoint 8 are purged, once each
+  losses = tensorboard_scalars(os.path.join(workdir, "tb"))["loss"]
+  assert [step for step, _ in losses] == [r["step"] for r in b if "loss" in r]
+  np.testing.assert_allclose([v for _, v in losses], [r["loss"] for r in b if "loss" in r], rtol=1e-6)
+
+
+def tensorboard_scalars(logdir: str) -> dict[str, list]:
+  """{tag: [(step, value)]} of the event files in `logdir`, read in the order they were written, with
+  TensorBoard's purge rule: a SessionLog START at step s drops the events at steps >= s logged before it."""
+  from tensorboardX.proto import event_pb2
+
+  scalars = {}
+  for name in sorted(os.listdir(logdir), key=lambda n: int(n.split(".")[3])):  # events.out.tfevents.<time>.<host>
+    data = open(os.path.join(logdir, name), "rb").read()
+    offset = 0
+    while offset < len(data):  # TFRecord: length (8), its crc (4), the record, its crc (4)
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        scalars = {tag: [(s, v) for s, v in rows if s < event.step] for tag, rows in scalars.items()}
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
 
 
 def test_resume_refuses_a_different_tokenizer(straight_run, corpus_dir, tmp_path):
