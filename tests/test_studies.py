@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments.pipeline import report as pipeline_report
 from experiments.schedules_scaling import report as scaling_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,19 +32,53 @@ def test_verdict_follows_the_numbers(r2, wsd, want):
   assert line.startswith(f"Verdict: {want} — ") and f"R² = {r2:.3f}" in line
 
 
-def test_schedules_scaling_quick_end_to_end(tmp_path):
+def _quick(study: str, workdir) -> str:
+  """Runs a study's --quick end to end; returns its REPORT.md after checking it has one computed verdict."""
   env = {**os.environ, "PYTHONPATH": ROOT}
   if jax.config.jax_compilation_cache_dir:  # conftest's persistent cache: the points reuse compiled programs
     env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  workdir = tmp_path / "ss"
-  proc = subprocess.run([sys.executable, "experiments/schedules_scaling/run.py", "--workdir", str(workdir),
-                         "--quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, f"experiments/{study}/run.py", "--workdir", str(workdir), "--quick"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = (workdir / "REPORT.md").read_text()
   verdicts = [line for line in report.splitlines() if line.startswith("Verdict: ")]
   assert len(verdicts) == 1 and verdicts[0].split(" — ")[0] in (
       "Verdict: reproduced", "Verdict: partly", "Verdict: not reproduced")
+  assert verdicts[0] in proc.stdout
+  return report
+
+
+def test_schedules_scaling_quick_end_to_end(tmp_path):
+  report = _quick("schedules_scaling", tmp_path / "ss")
   for plot in ("scaling.png", "schedules.png", "results.md", "loss_curves.png"):
-    assert (workdir / plot).stat().st_size > 0
+    assert (tmp_path / "ss" / plot).stat().st_size > 0
   assert "| xs |" in report and "| wsd20 |" in report
+
+
+def test_pipeline_quick_end_to_end(tmp_path):
+  report = _quick("pipeline", tmp_path / "pl")
+  assert (tmp_path / "pl" / "pipeline.png").stat().st_size > 0
+  assert "| pretrain | validation loss" in report and "| rpo | 1 |" in report
+
+
+def test_degenerate_answers_are_token_loops():
+  assert pipeline_report.degenerate([5, 6, 7] * 3)
+  assert pipeline_report.degenerate([1, 2] + [9, 9, 9, 9, 9])         # one token repeated: (9, 9, 9) x3
+  assert not pipeline_report.degenerate([1, 2, 3, 4, 5, 6, 1, 2, 3])  # a 3-gram twice is a repetition, not a loop
+  assert not pipeline_report.degenerate([])
+
+
+def test_pipeline_verdict_follows_the_numbers():
+  def result(damage, degenerate, accuracy):
+    variant = {"accuracy": (accuracy, 0.01), "damage": damage, "degenerate": (degenerate, 0.0),
+               "ok": damage <= 0.1 and degenerate <= 0.05}
+    return {"pretrain": (8.0, 4.0), "sft_metrics": (5.0, 2.7), "sft": {"degenerate": 0.0},
+            "variants": {"dpo": dict(variant), "rpo": {**variant, "damage": 0.02, "degenerate": (0.0, 0.0),
+                                                        "ok": True}}}
+  assert pipeline_report.verdict(result(0.3, 0.4, 0.8)).startswith("Verdict: reproduced — ")
+  assert "best that keeps the SFT model (within 10%): rpo" in pipeline_report.verdict(result(0.3, 0.4, 0.8))
+  bad = result(0.3, 0.4, 0.8)
+  bad["variants"]["rpo"]["ok"] = False
+  assert pipeline_report.verdict(bad).startswith("Verdict: partly — ")
+  assert pipeline_report.verdict(result(0.3, 0.4, 0.45)).startswith("Verdict: not reproduced — ")
