@@ -134,9 +134,12 @@ def plot(directory: str, result: dict) -> str:
   losses = [result["variants"][k]["answer_loss"] for k in names]
   left.bar(["SFT"] + names, [sft] + [m for m, _ in losses], yerr=[0] + [s for _, s in losses], capsize=3,
            color=["tab:gray"] + ["tab:green" if result["variants"][k]["ok"] else "tab:red" for k in names])
+  shares = [result["sft"]["degenerate"]] + [result["variants"][k]["degenerate"][0] for k in names]
+  for i, (share, height) in enumerate(zip(shares, [sft] + [m for m, _ in losses])):
+    left.text(i, height / 2, f"{share:.0%}\ndegenerate", ha="center", color="white", fontsize=8)
   left.axhline(sft * (1 + MAX_DAMAGE), ls="--", color="k", lw=1, label=f"SFT + {MAX_DAMAGE:.0%}")
   left.set_ylabel("held-out answer loss (nats/token)")
-  left.set_title("what DPO does to the SFT model")
+  left.set_title("what DPO does to the SFT model (green: keeps it)")
   left.legend(fontsize=8)
   accuracy = [result["variants"][k]["accuracy"] for k in names]
   right.bar(names, [m for m, _ in accuracy], yerr=[s for _, s in accuracy], capsize=3, color="tab:blue")
