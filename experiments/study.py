@@ -9,6 +9,14 @@ import time
 from jaxllm.sweep import command
 
 
+def save_report(directory: str, text: str) -> str:
+  """Writes DIR/REPORT.md; returns its path."""
+  path = os.path.join(directory, "REPORT.md")
+  with open(path, "w") as f:
+    f.write(text)
+  return path
+
+
 def main(description: str, sweep_file: str, report, argv=None, arg: str = "") -> int:
   """`report.write(workdir, quick=, runtime_s=) -> (path, verdict line)`; `arg` is passed to the sweep file
   after quick=... (e.g. a shared tokenizer's path, given a workdir: a function of it)."""

@@ -19,7 +19,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from experiments.pipeline import sweep as study  # noqa: E402
+from experiments import study  # noqa: E402
+from experiments.pipeline import sweep  # noqa: E402
 from jaxllm import generate, runs, tasks  # noqa: E402
 from jaxllm.data import chat  # noqa: E402
 from jaxllm.metrics import read_metrics  # noqa: E402
@@ -83,7 +84,7 @@ def analyse(directory: str) -> dict:
                 "examples": [held.tokenizer.decode(a) for a in sft_answers[:3]]}
   out["questions"] = held.questions[:3]
   variants = {}
-  for variant in study.VARIANTS:
+  for variant in sweep.VARIANTS:
     names = sorted(n for n in os.listdir(directory) if n.startswith(f"{variant}_seed"))
     if not names:
       continue
@@ -205,10 +206,7 @@ degenerate answers. ![pipeline](pipeline.png)
 | --- | --- | {" | ".join("---" for _ in result["variants"])} |
 {examples}
 """
-  path = os.path.join(directory, "REPORT.md")
-  with open(path, "w") as f:
-    f.write(text)
-  return path, line
+  return study.save_report(directory, text), line
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from experiments.schedules_scaling import sweep as study  # noqa: E402
+from experiments import study  # noqa: E402
+from experiments.schedules_scaling import sweep  # noqa: E402
 from jaxllm import model as model_lib, runs  # noqa: E402
 from jaxllm.metrics import read_metrics  # noqa: E402
 from jaxllm.sweep import report as sweep_report  # noqa: E402
@@ -46,7 +47,7 @@ def _stats(values) -> tuple[float, float, int]:
 
 def analyse(directory: str, quick: bool) -> dict:
   rows = {r["name"]: r for r in sweep_report.collect(directory)}
-  sizes = [s for s in (study.QUICK_SIZES if quick else study.SIZES)]
+  sizes = list(sweep.QUICK_SIZES if quick else sweep.SIZES)
   scaling = []
   for size in sizes:
     names = [n for n in rows if n.startswith(f"scale_{size}_")]
@@ -55,9 +56,9 @@ def analyse(directory: str, quick: bool) -> dict:
   for s in scaling:
     s["mean"], s["std"], s["count"] = _stats(s["losses"])
   alpha, a, r2 = fit_power_law([s["n"] for s in scaling], [s["mean"] for s in scaling])
-  schedule_size = study.QUICK_SCHEDULE_SIZE if quick else study.SCHEDULE_SIZE
+  schedule_size = sweep.QUICK_SCHEDULE_SIZE if quick else sweep.SCHEDULE_SIZE
   schedules = {"cosine": [n for n in rows if n.startswith(f"scale_{schedule_size}_")]}
-  for name in study.WSD:
+  for name in sweep.WSD:
     found = [n for n in rows if n.startswith(f"sched_{name}_")]
     if found:
       schedules[name] = found
@@ -170,10 +171,7 @@ Fit over the size means: L = {result['a']:.4g}·N^-{result['alpha']:.4f}, R² = 
 WSD with a 20% cooldown matches cosine when its final loss is within the seed spread of cosine's (the two stds
 added in quadrature) or below it. ![schedules](schedules.png)
 """
-  path = os.path.join(directory, "REPORT.md")
-  with open(path, "w") as f:
-    f.write(text)
-  return path, line
+  return study.save_report(directory, text), line
 
 
 if __name__ == "__main__":

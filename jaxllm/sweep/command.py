@@ -57,10 +57,12 @@ def run_point(sweep_dir: str, name: str) -> int:
 
 def run(spec: str, sweep_dir: str, *, parallel: int = 1, gpus=(), points=None, log=None) -> dict[str, str]:
   """Runs the sweep of the config `spec` in `sweep_dir` (validated, recorded, its unfinished points run) and
-  writes its report; returns {point name: status}. `points`: (points, axes, short) already loaded."""
+  writes its report; returns {point name: status}. `points`: (points, axes, short) loaded and validated."""
   log = log or (lambda message: print(message, flush=True))
-  points, axes, short = points or points_lib.load(spec)
-  points_lib.validate(points, lambda name: os.path.join(sweep_dir, name))
+  if points is None:
+    points = points_lib.load(spec)
+    points_lib.validate(points[0])
+  points, axes, short = points
   _save(sweep_dir, spec, points, axes, short)
   log(f"sweep {spec}: {len(points)} points in {sweep_dir}, {parallel} at a time")
   statuses = runner.run_local(points, sweep_dir, parallel=parallel, gpus=list(gpus), log=log)
@@ -95,15 +97,15 @@ def main(argv: list[str]) -> int:
     raise ConfigError(f"--parallel: must be >= 1, got {args.parallel}")
   sweep_dir = os.path.abspath(args.workdir)
   points, axes, short = points_lib.load(args.config)
-  points_lib.validate(points, lambda name: os.path.join(sweep_dir, name))
+  points_lib.validate(points)
   if args.dry_run:
     for p in points:
       status = runner.read_status(os.path.join(sweep_dir, p.name))["status"]
       print(f"{p.name} [{status}]\n  {' '.join(runner.command(p, sweep_dir))}")
     print(f"{len(points)} points over {', '.join(short[a] for a in axes) or 'no axis'}; nothing run (--dry-run)")
     return 0
-  _save(sweep_dir, args.config, points, axes, short)
   if args.slurm:
+    _save(sweep_dir, args.config, points, axes, short)
     written = runner.slurm_scripts(points, sweep_dir, repo=os.getcwd(), sbatch_args=args.sbatch)
     print("\n".join(f"wrote {path}" for path in written))
     if args.submit:

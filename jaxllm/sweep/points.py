@@ -31,6 +31,13 @@ class Point:
   def to_json(self) -> dict:
     return {"name": self.name, "config": self.config, "overrides": self.overrides, "after": self.after}
 
+  def resolved(self, workdir_of) -> dict:
+    """The overrides with an init_from reference to another point replaced by `workdir_of(its name)`."""
+    source = self.overrides.get("init_from")
+    if isinstance(source, str) and source.startswith(REFERENCE):
+      return {**self.overrides, "init_from": workdir_of(source[1:])}
+    return self.overrides
+
 
 def short_names(keys) -> dict:
   """{dotted key: short name}, unique: a short name two keys share falls back to their full keys."""
@@ -105,14 +112,12 @@ def resolved_config(point: Point, workdir_of):
   """The config a point trains with: its file's config with its overrides set (an init_from reference resolved
   by `workdir_of(name)`)."""
   c = config_lib.load(point.config)
-  for key, value in point.overrides.items():
-    if key == "init_from" and isinstance(value, str) and value.startswith(REFERENCE):
-      value = workdir_of(value[1:])
+  for key, value in point.resolved(workdir_of).items():
     config_lib.override(c, key, value)
   return c
 
 
-def validate(points: list[Point], workdir_of, num_devices: int | None = None):
+def validate(points: list[Point], num_devices: int | None = None):
   """Every point's config checked as a run would check it, before any runs; the error names the point and key.
   A reference to another point's run is checked as if that run existed."""
   for p in points:

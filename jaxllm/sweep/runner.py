@@ -16,7 +16,7 @@ import sys
 import time
 
 from jaxllm.errors import PREEMPTED_EXIT_CODE
-from jaxllm.sweep.points import REFERENCE, Point
+from jaxllm.sweep.points import Point
 
 STATUS = "status.json"
 LOG = "train.log"
@@ -46,9 +46,7 @@ def command(point: Point, sweep_dir: str) -> list[str]:
   """The training command of a point, its init_from reference resolved to the other point's run."""
   args = [sys.executable, "-m", "jaxllm.train", "--config", point.config,
           "--workdir", os.path.join(sweep_dir, point.name)]
-  for key, value in point.overrides.items():
-    if key == "init_from" and isinstance(value, str) and value.startswith(REFERENCE):
-      value = os.path.join(sweep_dir, value[1:])
+  for key, value in point.resolved(lambda name: os.path.join(sweep_dir, name)).items():
     args.append(flag(key, value))
   return args
 

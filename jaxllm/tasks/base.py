@@ -98,9 +98,9 @@ class Task:
     if t.eval_batches and not batches:
       raise ConfigError(f"data.validation_fraction: the validation split of {self.config.data.sources!r} is too "
                         f"small for one batch of {t.batch_size}x{t.seq_len} tokens")
-    return [self.device_batch(b) for b in batches]
+    return [self.device_batch(b, train=False) for b in batches]
 
-  def device_batch(self, batch: dict) -> dict:
+  def device_batch(self, batch: dict, *, train: bool = True) -> dict:
     """The fields of a host batch the step reads."""
     return batch
 

@@ -80,20 +80,14 @@ class Preference(Task):
   def shard(self, source, tokenizer, *, train, **common):
     return preference.preference_dataset(source, tokenizer, overlong=self.config.data.overlong, **common)
 
-  def device_batch(self, batch):
-    """Drops the pairs' index; with the cache, adds the reference log-probs of the batch's pairs."""
+  def device_batch(self, batch, *, train=True):
+    """Drops the pairs' index; with the cache, adds the reference log-probs of a training batch's pairs (the
+    cache covers the training pairs; validation computes the reference's log-probs on the fly)."""
     out = {k: v for k, v in batch.items() if k != "pair_index"}
-    if self.cached is not None and "pair_index" in batch:
+    if train and self.cached is not None:
       index = batch["pair_index"]
       out.update(ref_chosen_logps=self.cached[0][index], ref_rejected_logps=self.cached[1][index])
     return out
-
-  def eval_batches(self, source, tokenizer):
-    cached, self.cached = self.cached, None  # validation computes the reference's log-probs on the fly
-    try:
-      return super().eval_batches(source, tokenizer)
-    finally:
-      self.cached = cached
 
   # ---- loss
 
