@@ -7,20 +7,23 @@ setup(
     packages=["jaxllm", "jaxllm.data", "jaxllm.sweep", "jaxllm.tasks", "configs"],
     entry_points={"console_scripts": ["jaxllm = jaxllm.cli:entry"]},
     python_requires=">=3.10,<3.13",
+    # Upper bounds on the pre-1.0 libraries (and the next major of the rest) at the versions CI tests: the code uses
+    # grain's experimental packing API and works around a grain 0.2.18 bug; constraints.txt pins the exact set.
     install_requires=[
-        "jax>=0.6",
-        "flax>=0.10",
-        "optax>=0.2.5",
-        "orbax-checkpoint>=0.11",
-        "sentencepiece>=0.2",
-        "grain>=0.2.12",
-        "ml-collections>=1.0",
-        "tensorboardX>=2.6",
-        "matplotlib>=3.7",
-        "chatterbot-corpus>=1.3",  # embedded SFT/DPO data (YAML files, read with PyYAML)
-        "pyyaml>=6",
-        "absl-py>=1.0",
-        "numpy>=1.24",
+        "jax>=0.6,<0.11",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "sentencepiece>=0.2,<0.3",
+        "grain>=0.2.12,<0.3",
+        "ml-collections>=1.0,<2",
+        "tensorboardX>=2.6,<3",
+        "matplotlib>=3.7,<4",
+        "chatterbot-corpus>=1.3,<1.4",  # embedded SFT/DPO data (YAML files, read with PyYAML)
+        "pyyaml>=6,<7",
+        "absl-py>=1.0,<3",
+        "numpy>=1.24,<3",
+        "ml-dtypes>=0.4,<0.8",  # bfloat16 in safetensors_io
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -1,0 +1,41 @@
+"""Every package the code imports is declared in setup.py, with an upper bound, and pinned in constraints.txt."""
+
+import ast
+import importlib.metadata
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# imported only inside the functions of optional extras ([hf]) or tests; not install requirements
+OPTIONAL = {"torch", "transformers", "peft", "safetensors", "pytest"}
+
+
+def _imports(directory: str) -> set[str]:
+  names = set()
+  for base, _, files in os.walk(os.path.join(ROOT, directory)):
+    for f in files:
+      if f.endswith(".py"):
+        for node in ast.walk(ast.parse(open(os.path.join(base, f)).read())):
+          if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+          elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+  return names - set(sys.stdlib_module_names) - {"jaxllm", "configs", "experiments", "tests"} - OPTIONAL
+
+
+def _name(requirement: str) -> str:
+  return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_imports_are_declared_bounded_and_pinned():
+  declared = {_name(r): r for r in importlib.metadata.requires("jaxllm") if "extra ==" not in r}
+  pinned = {_name(line): line for line in open(os.path.join(ROOT, "constraints.txt"))
+            if line.strip() and not line.startswith("#")}
+  distributions = importlib.metadata.packages_distributions()
+  for module in sorted(_imports("jaxllm") | _imports("configs") | _imports("experiments")):
+    dists = {_name(d) for d in distributions.get(module, [])}
+    assert dists & set(declared), f"{module} is imported but none of {dists or '{?}'} is in setup.py"
+    for dist in dists & set(declared):
+      assert "<" in declared[dist], f"{declared[dist]}: no upper bound"
+      assert dist in pinned, f"{dist} is not pinned in constraints.txt"
