@@ -82,6 +82,6 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh.data = -1                        # data-parallel replicas (-1 = all devices left)
   c.mesh.fsdp = 1                         # parameter/optimizer sharding
   c.mesh.tensor = 1                       # tensor parallelism (heads, mlp, vocab)
-  c.mesh.dcn_fsdp = 1                     # multi-host: hosts the fsdp axis spans (the rest of the hosts: data)
+  c.mesh.dcn_fsdp = 1                     # multi-node: nodes the fsdp axis spans (the rest of the nodes: data)
   c.mesh.rules = sharding.RULES           # logical axis -> mesh axes; a logical axis without a rule is an error
   return c

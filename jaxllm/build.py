@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 
 from jaxllm import checkpoint, config as config_lib, metrics as metrics_lib, model as model_lib, optim, peft, runs
-from jaxllm import sharding, step as step_lib, tasks
+from jaxllm import distributed, sharding, step as step_lib, tasks
 from jaxllm.data import pipeline
 from jaxllm.errors import ConfigError, RunError
 from jaxllm.tasks import Task
@@ -86,7 +86,7 @@ def build(config, workdir: str, devices=None) -> Setup:
     raise ConfigError(reason)
   runs.accept_config(workdir, runs.resolved_config(config, model_cfg), resuming=resuming)
 
-  mesh = sharding.make_mesh(config.mesh, devices)
+  mesh = sharding.make_mesh(config.mesh, devices, distributed.procs_per_node())
   rules = sharding.rules_of(config)
   tuning = peft.make(config, model_cfg, task.needs_reference)
   tx = optim.optimizer(config.optimizer, t.steps)

@@ -68,21 +68,37 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   return tuple(num_devices // known if s == -1 else s for s in sizes)
 
 
-def make_mesh(mesh_config, devices=None) -> Mesh:
-  """The (data, fsdp, tensor) mesh. Across several processes (hosts) it is a hybrid mesh: mesh.dcn_fsdp hosts
-  share each fsdp group and the remaining hosts split the data axis, over the slow network; the rest of each
-  axis, and all of tensor, stays inside a host (fast interconnect)."""
+def make_mesh(mesh_config, devices=None, procs_per_node: int = 1) -> Mesh:
+  """The (data, fsdp, tensor) mesh of `devices` (default: all), laid out by `layout`; build passes the processes
+  per node of the run this process joined (distributed.procs_per_node())."""
   devices = jax.devices() if devices is None else devices
+  return Mesh(layout(mesh_config, devices, procs_per_node), MESH_AXES)
+
+
+def layout(mesh_config, devices, procs_per_node: int = 1) -> np.ndarray:
+  """The (data, fsdp, tensor) array of `devices`, which need only `id`, `process_index`, `platform` and
+  `device_kind`. Process p runs on node p // procs_per_node. On one node: mesh_utils' layout of all its devices.
+  Across nodes, a hybrid mesh as mesh_utils.create_hybrid_device_mesh lays it with node granules: mesh.dcn_fsdp
+  nodes share each fsdp group and the remaining nodes split data, over the slow network; the rest of each axis,
+  and all of tensor, stays inside a node (NVLink), so one process per GPU gives the mesh one per node does."""
   shape = mesh_shape(mesh_config, len(devices))
-  processes = len({d.process_index for d in devices})
-  if processes == 1:
-    return Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True), MESH_AXES)
-  dcn = (processes // mesh_config.dcn_fsdp, mesh_config.dcn_fsdp, 1)
-  if math.prod(dcn) != processes or any(s % d for s, d in zip(shape, dcn)):
-    raise ValueError(f"mesh: (data, fsdp, tensor)={shape} cannot be laid over {processes} hosts as "
-                     f"{dcn} hosts per axis (mesh.dcn_fsdp={mesh_config.dcn_fsdp})")
+  by_node = {}
+  for d in devices:
+    by_node.setdefault(d.process_index // procs_per_node, []).append(d)
+  nodes = len(by_node)
+  if nodes == 1:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  dcn = (nodes // mesh_config.dcn_fsdp, mesh_config.dcn_fsdp, 1)
+  if math.prod(dcn) != nodes or any(s % d for s, d in zip(shape, dcn)):
+    raise ValueError(f"mesh: (data, fsdp, tensor)={shape} cannot be laid over {nodes} nodes as {dcn} nodes per "
+                     f"axis (mesh.dcn_fsdp={mesh_config.dcn_fsdp}, {procs_per_node} processes per node)")
   ici = tuple(s // d for s, d in zip(shape, dcn))
-  return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True), MESH_AXES)
+  if sizes := {len(node) for node in by_node.values()} - {math.prod(ici)}:
+    raise ValueError(f"mesh: nodes of {sorted(sizes)} devices, not {math.prod(ici)} each, for {shape} over {nodes} "
+                     f"nodes ({procs_per_node} processes per node)")
+  per_node = [mesh_utils.create_device_mesh(ici, by_node[n]) for n in sorted(by_node)]
+  grid = np.arange(nodes).reshape(dcn).tolist()
+  return np.block([[[per_node[i] for i in row] for row in plane] for plane in grid])
 
 
 def check_rules(logical_specs, rules=RULES):
