@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
+from experiments.lora_rank import report as lora_rank_report
 from experiments.pipeline import report as pipeline_report
+from experiments.prompt_loss import report as prompt_loss_report
 from experiments.schedules_scaling import report as scaling_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,3 +84,47 @@ def test_pipeline_verdict_follows_the_numbers():
   bad["variants"]["rpo"]["ok"] = False
   assert pipeline_report.verdict(bad).startswith("Verdict: partly — ")
   assert pipeline_report.verdict(result(0.3, 0.4, 0.45)).startswith("Verdict: not reproduced — ")
+
+
+def _cell(means, std=0.01, n=3):
+  return {k: {"mean": m, "std": std, "n": n} for k, m in means.items()}
+
+
+def test_lora_rank_trainable_counts_by_hand():
+  # sweep.MODEL: d 64, 4 heads x 16 (q and o: 64 wide), 2 kv heads x 16 (k and v: 32 wide), 2 layers
+  assert lora_rank_report.trainable("q", 1) == 2 * (64 + 64)
+  assert lora_rank_report.trainable("qv", 4) == 4 * 2 * ((64 + 64) + (64 + 32))
+  assert lora_rank_report.trainable("qkvo", 2) == 2 * 2 * (2 * (64 + 64) + 2 * (64 + 32))
+
+
+@pytest.mark.parametrize("qv64,q8,far1,want", [(2.0, 2.3, 3.0, "reproduced"), (1.9, 2.3, 3.0, "partly"),
+                                               (2.0, 2.0, 3.0, "partly"), (1.9, 2.0, 3.0, "not reproduced")])
+def test_lora_rank_verdict_follows_the_numbers(qv64, q8, far1, want):
+  ranks = (1, 2, 4, 8, 16, 64)
+  qv = {r: 2.0 for r in ranks} | {64: qv64}
+  q = {1: 2.6, 2: 2.5, 4: 2.4, 8: q8, 16: 2.3, 64: 2.3}
+  result = {"ranks": ranks, "before": {"near": 2.5, "far": 8.0},
+            "cells": {("near", "q"): _cell(q), ("near", "qv"): _cell(qv), ("far", "qv"): _cell({1: far1, 2: 2.8,
+                                                                                               4: 2.6, 8: 2.4,
+                                                                                               16: 2.2, 64: 2.0})}}
+  line = lora_rank_report.verdict(result)
+  assert line.startswith(f"Verdict: {want} — ")
+  assert f"r=1 − r=64 = {2.0 - qv64:+.4f}" in line
+
+
+def test_noise_is_twice_the_standard_error_of_the_difference():
+  a, b = {"mean": 0, "std": 0.3, "n": 3}, {"mean": 0, "std": 0.4, "n": 3}
+  assert lora_rank_report.noise(a, b) == pytest.approx(2 * np.sqrt(0.09 / 3 + 0.16 / 3))
+  assert prompt_loss_report.noise(a, b) == lora_rank_report.noise(a, b)
+
+
+@pytest.mark.parametrize("short,long,want", [((3.0, 2.8), (2.0, 2.0), "reproduced"),
+                                             ((3.0, 2.8), (2.0, 1.8), "partly"),
+                                             ((3.0, 3.0), (2.0, 2.0), "not reproduced")])
+def test_prompt_loss_verdict_follows_the_numbers(short, long, want):
+  weights = (0.0, 0.01, 0.1, 0.5, 1.0)
+  cells = {(shape, size): _cell(dict(zip(weights, (w0, w1, w1 + 0.05, w1 + 0.1, w1 + 0.2))))
+           for shape, (w0, w1) in (("short", short), ("long", long)) for size in ("small", "large")}
+  line = prompt_loss_report.verdict({"cells": cells, "weights": weights})
+  assert line.startswith(f"Verdict: {want} — ")
+  assert f"by {short[0] - short[1]:+.4f} nats" in line
