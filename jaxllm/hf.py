@@ -266,6 +266,13 @@ def save_adapter(out: str, cfg: model_lib.ModelConfig, delta, *, rank: int, alph
   weights = {lora.path_str(path): lw for path, lw in leaves}
   if any(lw.scale != lora.scaling(rank, alpha, rslora) for lw in weights.values()):
     raise ValueError(f"save_adapter: the delta's scale is not that of rank={rank}, alpha={alpha}, rslora={rslora}")
+  if cfg.tie_embeddings and "embed/embedding" in weights:
+    # PEFT puts an embedding adapter on the lookup (embed_tokens) only; jaxllm's tied logits use the adapted matrix
+    # too, so the adapter would give other logits than the run. Refuse rather than export a different model.
+    raise ValueError("save_adapter: the delta adapts a tied embedding (model.tie_embeddings, lora.targets with "
+                     "embed), which jaxllm applies to the lookup and to the logits but a PEFT adapter to the lookup "
+                     "only; export the merged model instead (jaxllm export --hf), or train LoRA without the "
+                     "embedding (lora.targets=attention,mlp)")
   entries, modules, used = [], set(), set()
   for name, keys, i, how in _tensors(cfg):
     path = "/".join(keys)

@@ -332,6 +332,16 @@ def random_delta(cfg, params, targets, rank=4, alpha=8.0, rslora=False, seed=1):
                       delta, is_leaf=is_lw)
 
 
+def test_peft_adapter_of_a_tied_embedding_delta_is_refused(tmp_path):
+  """PEFT would adapt the tied embedding's lookup only, not the logits: refused, naming why, nothing written."""
+  cfg = tiny(tie_embeddings=True)
+  params = random_params(cfg)
+  with pytest.raises(ValueError, match="tied embedding.*lookup only"):
+    hf.save_adapter(str(tmp_path / "adapter"), cfg, random_delta(cfg, params, "all"), rank=4, alpha=8.0)
+  assert not os.path.exists(tmp_path / "adapter")
+  hf.save_adapter(str(tmp_path / "ok"), cfg, random_delta(cfg, params, "attention"), rank=4, alpha=8.0)  # untied part
+
+
 @pytest.mark.parametrize("scan", [True, False])
 def test_peft_adapter_layout_is_the_merged_delta(tmp_path, scan):
   """W_hf + s·B·A (PEFT's rule, from the adapter's files alone) equals the HF export of merge(params, delta)."""
