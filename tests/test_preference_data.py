@@ -75,8 +75,9 @@ def test_pair_rows_token_by_token(tokenizer):
   batch = one_batch(tokenizer, [PAIR], seq_len)
   assert {k: v.dtype for k, v in batch.items()} == {
       f"{s}_{k}": np.float32 if k == "loss_mask" else np.int32 for s in preference.SIDES for k in preference.FEATURES
-  } | {"pair_index": np.int32}
+  } | {"pair_index": np.int32, "margin": np.float32}
   assert batch["pair_index"].tolist() == [0]  # its place in the source, for cached reference log-probs
+  assert batch["margin"].tolist() == [0.0]    # no "margin" field: 0
   prompt_ids = chat.render_prompt(PROMPT, tokenizer)
   for side in preference.SIDES:
     ids, mask = expected_render(tokenizer, PROMPT + [{"role": "assistant", "content": PAIR[side]}])

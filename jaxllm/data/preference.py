@@ -197,6 +197,10 @@ def _to_pair(record) -> dict:
     if not answer.strip():
       raise sources.EmptyRecord(f"empty {field!r}")
     out[field] = answer
+  if "margin" in record:  # optional: how much better chosen is (a reward model's margin loss)
+    if not isinstance(record["margin"], (int, float)) or isinstance(record["margin"], bool):
+      raise ValueError(f"'margin' must be a number, got {record['margin']!r}")
+    out["margin"] = float(record["margin"])
   return out
 
 
@@ -273,7 +277,8 @@ def make_pair_example(pair: dict, tokenizer: Tokenizer, *, seq_len: int,
     keep = max(budget - longest, min(len(prompt_ids), budget // 2))
     prompt_ids, status = prompt_ids[len(prompt_ids) - keep:], sft.TRUNCATED
     answers = {side: (ids[:budget - keep], mask[:budget - keep]) for side, (ids, mask) in answers.items()}
-  example = {"status": status, "pair_index": np.int32(pair.get("index", -1))}  # the pair's place in `pairs`
+  example = {"status": status, "pair_index": np.int32(pair.get("index", -1)),  # the pair's place in `pairs`
+             "margin": np.float32(pair.get("margin", 0.0))}
   for side, (answer_ids, answer_mask) in answers.items():
     ids = np.asarray(prompt_ids + answer_ids, np.int32)
     mask = np.asarray([0.0] * len(prompt_ids) + answer_mask, np.float32)

@@ -3,8 +3,9 @@
 from jaxllm.tasks.base import Task
 from jaxllm.tasks.lm import SFT, Pretrain
 from jaxllm.tasks.preference import Preference
+from jaxllm.tasks.reward import Reward
 
-TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "sft": SFT, "dpo": Preference}
+TASKS: dict[str, type[Task]] = {"pretrain": Pretrain, "sft": SFT, "dpo": Preference, "reward": Reward}
 STAGES = tuple(TASKS)
 
 

@@ -41,6 +41,7 @@ class Preference(Task):
   chat = True
   counts_examples = True
   sequences_per_row = 2  # chosen + rejected
+  host_only = ("pair_index", "margin")  # batch fields the step does not read
 
   def __init__(self, config):
     super().__init__(config)
@@ -81,9 +82,9 @@ class Preference(Task):
     return preference.preference_dataset(source, tokenizer, overlong=self.config.data.overlong, **common)
 
   def device_batch(self, batch, *, train=True):
-    """Drops the pairs' index; with the cache, adds the reference log-probs of a training batch's pairs (the
+    """Drops the fields the step does not read (the pairs' index); with the cache, adds the reference log-probs of a training batch's pairs (the
     cache covers the training pairs; validation computes the reference's log-probs on the fly)."""
-    out = {k: v for k, v in batch.items() if k != "pair_index"}
+    out = {k: v for k, v in batch.items() if k not in self.host_only}
     if train and self.cached is not None:
       index = batch["pair_index"]
       out.update(ref_chosen_logps=self.cached[0][index], ref_rejected_logps=self.cached[1][index])
