@@ -17,7 +17,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 
-from jaxllm import checkpoint, hf, runs
+from jaxllm import checkpoint, hf, runs, tasks
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.errors import ConfigError
 
@@ -83,8 +83,8 @@ def _hf_template(run_dir: str, depth: int = 0) -> dict:
 
 def to_hf(workdir: str, out: str, *, step: int | None = None, max_shard_size="5GB", dtype="float32",
           peft: bool = False) -> str:
-  """The run's model (a LoRA run: merged) as a Hugging Face directory with its tokenizer.model; `peft`: a LoRA
-  run's delta as a PEFT adapter instead."""
+  """The run's model (a LoRA run: merged) as a Hugging Face directory with its tokenizer.model (a reward model's as
+  <Family>ForSequenceClassification); `peft`: a LoRA run's delta as a PEFT adapter instead."""
   run_dir, step = _resolve(workdir, step)
   if hf.is_hf_dir(run_dir):
     raise ValueError(f"--workdir {workdir!r} is already a Hugging Face directory")
@@ -98,7 +98,12 @@ def to_hf(workdir: str, out: str, *, step: int | None = None, max_shard_size="5G
   if not template and os.path.exists(tokenizer_path):
     tok = Tokenizer.from_file(tokenizer_path)
     template = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-  hf.save(out, cfg, runs.load_params(run_dir, step), max_shard_size=max_shard_size, dtype=dtype, hf_config=template)
+  stage = runs.read_config(run_dir).get("stage", "pretrain")
+  score_token = None
+  if tasks.TASKS[stage].score_token:  # a reward model: its score head, as a sequence-classification checkpoint
+    score_token = Tokenizer.from_file(tokenizer_path).token_id(tasks.TASKS[stage].score_token)
+  hf.save(out, cfg, runs.load_params(run_dir, step), max_shard_size=max_shard_size, dtype=dtype, hf_config=template,
+          score_token=score_token)
   if os.path.exists(tokenizer_path):
     shutil.copy(tokenizer_path, os.path.join(out, runs.TOKENIZER))
   return out

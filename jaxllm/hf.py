@@ -229,9 +229,11 @@ def load(path: str, *, scan_layers: bool = True, **compute) -> tuple[model_lib.M
 
 
 def save(path: str, model_config: model_lib.ModelConfig, params, *, max_shard_size="5GB", dtype: str = "float32",
-         hf_config: dict | None = None) -> list[str]:
+         hf_config: dict | None = None, score_token: int | None = None) -> list[str]:
   """Writes config.json and the params as safetensors (tensor by tensor; shards + index past max_shard_size)
   in `dtype`. `hf_config`: the HF config the model came from, whose fields beyond the shapes are kept.
+  `score_token`: a reward model (jaxllm/tasks/reward.py) as <Family>ForSequenceClassification with one label:
+  the body, and score.weight [1, D] = the output-embedding column of that token, in place of lm_head.
   Returns the safetensors files written."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
@@ -245,13 +247,24 @@ def save(path: str, model_config: model_lib.ModelConfig, params, *, max_shard_si
   np_dtype = np.dtype(st.DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]])
   entries = []
   for name, keys, i, how in _tensors(model_config):
+    if score_token is not None and name == "lm_head.weight":
+      continue
     leaf = got[keys]
     shape = want[keys].shape[1:] if i is not None else want[keys].shape
     part = (lambda x=leaf: x) if i is None else (lambda x=leaf, i=i: x[i])
     entries.append(st.Entry(name, _hf_shape(shape, how), np_dtype, lambda part=part, how=how: _to_hf(part(), how)))
+  config = to_hf_config(model_config, hf_config, dtype)
+  if score_token is not None:
+    head = got[("embed", "embedding")][score_token] if model_config.tie_embeddings else \
+        np.asarray(got[("lm_head", "kernel")])[:, score_token]
+    entries.append(st.Entry("score.weight", (1, model_config.d_model), np_dtype,
+                            lambda head=head: np.asarray(head, np.float32).reshape(1, -1)))
+    family = FAMILIES[config["model_type"]].removesuffix("ForCausalLM")
+    config.update(architectures=[f"{family}ForSequenceClassification"], num_labels=1,
+                  id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, tie_word_embeddings=False)
   files = st.write_sharded(path, entries, max_shard_size=max_shard_size, metadata={"format": "pt"})
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(to_hf_config(model_config, hf_config, dtype), f, indent=2)
+    json.dump(config, f, indent=2)
   return files
 
 

@@ -3,6 +3,7 @@ answer's last token (right and left padding, truncation) against the model run o
 field, and a short run that ranks held-out pairs well above chance."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import set_fields, tiny_config
-from jaxllm import metrics, model, runs, train
+from jaxllm import export, metrics, model, runs, train
+from jaxllm import safetensors_io as st
 from jaxllm.data import chat, preference
 from jaxllm.tasks import reward
 
@@ -107,3 +109,14 @@ def test_a_reward_model_ranks_held_out_pairs(pretrained, corpus_dir, pref_jsonl,
   rows = [r for r in metrics.read_metrics(str(tmp_path / "rm")) if "eval/accuracy" in r]
   assert rows[0]["step"] == 0 and rows[-1]["step"] == 30 and rows[0]["eval/accuracy"] < 0.2, rows
   assert rows[-1]["eval/accuracy"] >= 0.9 and rows[-1]["eval/margin"] > 1.0, rows
+  # exported as a sequence classifier: the body, and score.weight = the <|end|> column of the output embedding
+  out = export.to_hf(str(tmp_path / "rm"), str(tmp_path / "hf"))
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
+  cfg, params, tok = runs.load_run(str(tmp_path / "rm"))
+  reader = st.Reader(st.files_of(out))
+  end_id = tok.token_id(chat.DEFAULT_TEMPLATE.end)
+  column = params["embed"]["embedding"][end_id] if cfg.tie_embeddings else params["lm_head"]["kernel"][:, end_id]
+  np.testing.assert_array_equal(reader.get("score.weight"), np.asarray(column)[None])
+  assert "lm_head.weight" not in reader and "model.norm.weight" in reader
+  np.testing.assert_array_equal(reader.get("model.embed_tokens.weight"), params["embed"]["embedding"])

@@ -36,6 +36,7 @@ class Task:
   chat: bool = False           # conversations rendered with the chat template (samples are answers)
   counts_examples: bool = False  # the pipeline counts truncated and dropped examples (pipeline.counters)
   needs_reference: bool = False  # the loss reads frozen["reference"], the params of the run init_from names
+  score_token: str | None = None  # a scoring model: its score is this token's logit (exported as a score head)
 
   def __init__(self, config):
     self.config = config

@@ -56,6 +56,7 @@ def bradley_terry_sum(chosen_B, rejected_B, margin_B=None, center_coef: float = 
 class Reward(Preference):
   """The pairs' data as for DPO (Preference); the loss on scores instead of log-probs, and no reference."""
   stage = "reward"
+  score_token = chat.DEFAULT_TEMPLATE.end
   host_only = ("pair_index",)  # the step reads the pairs' margins
 
   def __init__(self, config):  # no dpo section: nothing of Preference's loss is used
@@ -70,7 +71,7 @@ class Reward(Preference):
 
   def check_tokenizer(self, tokenizer):
     super().check_tokenizer(tokenizer)
-    self.end_id = tokenizer.token_id(chat.DEFAULT_TEMPLATE.end)  # the score head's column
+    self.end_id = tokenizer.token_id(self.score_token)  # the score head's column
 
   def prepare(self, *args, **kwargs):
     pass  # no reference, nothing to cache
