@@ -5,8 +5,9 @@
   jaxllm export --workdir DIR --out NEW_RUN [--step N]           # a LoRA run merged, as a full run directory
   jaxllm hf import --hf HF_DIR --out RUN | jaxllm hf export --workdir RUN --out HF_DIR [--peft]
   jaxllm sweep --config FILE[:arg] --workdir DIR [--parallel N] [--slurm] [--dry-run] | jaxllm sweep report DIR
+  jaxllm rejection-sample --policy RUN --reward RUN --prompts FILES --samples N --out DIR   # best-of-N
 
-`python -m jaxllm.train|generate|export|hf|sweep` are the same commands. A refusal (a bad config value, bad data, a
+`python -m jaxllm.train|generate|export|hf|sweep|rejection_sample` are the same commands. A refusal (a bad config value, bad data, a
 resume the run directory refuses, a missing file) prints one line, `error: <what>: <why>`, and exits 2; a
 preemption (SIGTERM) exits 75 after saving; anything else is a crash, with its traceback on stderr and, for
 `train`, appended to WORKDIR/crash.log (exit 1). `--debug` (or JAXLLM_DEBUG=1) shows the traceback of a refusal
@@ -25,7 +26,8 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxllm import config as config_lib, distributed, export, generate as generate_lib, runs, train as train_lib
+from jaxllm import config as config_lib, distributed, export, generate as generate_lib, rejection_sample, runs
+from jaxllm import train as train_lib
 from jaxllm.checkpoint import CheckpointError
 from jaxllm.data import chat
 from jaxllm.data.sources import DataError
@@ -155,7 +157,8 @@ def hf(argv: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"train": train, "generate": generate, "export": export_run, "hf": hf, "sweep": sweep_command.main}
+COMMANDS = {"train": train, "generate": generate, "export": export_run, "hf": hf, "sweep": sweep_command.main,
+            "rejection-sample": rejection_sample.main}
 
 
 def main(argv: list[str] | None = None) -> int:

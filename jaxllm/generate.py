@@ -91,11 +91,12 @@ def _generate(cfg, params, prompt_BxP, lengths_B, rng, stop_ids, temperature, to
 
 def generate(cfg: model_lib.ModelConfig, params, prompts: list[list[int]], *, max_new_tokens: int, rng,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids=(),
-             vocab_limit: int | None = None) -> list[list[int]]:
+             vocab_limit: int | None = None, prompt_slots: int = 0) -> list[list[int]]:
   """Continues each prompt (token ids) by up to `max_new_tokens` tokens; returns the new tokens of each prompt,
   cut after its first id in `stop_ids` (kept). Temperature 0 is greedy; top_k / top_p filter the sampled
   distribution (see `choose_tokens`); ids >= vocab_limit are never produced. One compiled program per (batch,
-  longest prompt, max_new_tokens): the sampling settings and up to 4 stop ids are traced."""
+  longest prompt, max_new_tokens): the sampling settings and up to 4 stop ids are traced. `prompt_slots` pads the
+  prompts to at least that many slots, so that batches of different prompts share one program."""
   if not prompts:
     return []
   lengths = np.array([len(p) for p in prompts], np.int32)
@@ -105,7 +106,8 @@ def generate(cfg: model_lib.ModelConfig, params, prompts: list[list[int]], *, ma
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
   if max_new_tokens < 1:
     return [[] for _ in prompts]
-  buf = np.zeros((len(prompts), int(lengths.max())), np.int32)  # left-padded with 0 (never attended to)
+  buf = np.zeros((len(prompts), max(int(lengths.max()), prompt_slots)), np.int32)  # left-padded with 0 (never
+  # attended to)
   for row, p in zip(buf, prompts):
     row[len(row) - len(p):] = p
   stop = np.full(max(4, len(stop_ids)), -1, np.int32)  # up to 4 stop ids share one compiled program

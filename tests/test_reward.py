@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import set_fields, tiny_config
-from jaxllm import export, metrics, model, runs, train
+from jaxllm import export, metrics, model, rejection_sample, runs, train
+from jaxllm.data.sources import DataError
+from jaxllm.errors import ConfigError, RunError
 from jaxllm import safetensors_io as st
 from jaxllm.data import chat, preference
 from jaxllm.tasks import reward
@@ -93,10 +95,12 @@ def test_margin_field_is_read_and_checked(tmp_path):
     preference.pairs(str(path), "train", validation_fraction=0)
 
 
-def test_a_reward_model_ranks_held_out_pairs(pretrained, corpus_dir, pref_jsonl, tmp_path):
-  """Trained to prefer the unrelated sentence to the right answer (the opposite of what the pretrained <|end|>
-  logit prefers, so that held-out accuracy starts far below chance and must be learned)."""
-  flipped = tmp_path / "flipped.jsonl"
+@pytest.fixture(scope="module")
+def reward_run(pretrained, corpus_dir, pref_jsonl, tmp_path_factory):
+  """A reward model trained to prefer the unrelated sentence to the right answer (the opposite of what the
+  pretrained <|end|> logit prefers, so that held-out accuracy starts far below chance and must be learned)."""
+  root = tmp_path_factory.mktemp("rm")
+  flipped = root / "flipped.jsonl"
   rows = [json.loads(line) for line in open(pref_jsonl)]
   flipped.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n" for r in rows))
   c = set_fields(tiny_config(corpus_dir), **{"train.steps": 30, "train.eval_every": 30, "train.num_samples": 0,
@@ -105,18 +109,80 @@ def test_a_reward_model_ranks_held_out_pairs(pretrained, corpus_dir, pref_jsonl,
   c.stage, c.init_from = "reward", pretrained
   c.data.sources, c.data.hard_fraction, c.data.overlong, c.data.validation_fraction = str(flipped), 0.0, "drop", 0.2
   c.reward = ml_collections.ConfigDict({"center_coef": 0.01})
-  train.run(c, str(tmp_path / "rm"))
-  rows = [r for r in metrics.read_metrics(str(tmp_path / "rm")) if "eval/accuracy" in r]
+  train.run(c, str(root / "run"))
+  return str(root / "run")
+
+
+def test_a_reward_model_ranks_held_out_pairs_and_exports(reward_run, tmp_path):
+  rows = [r for r in metrics.read_metrics(reward_run) if "eval/accuracy" in r]
   assert rows[0]["step"] == 0 and rows[-1]["step"] == 30 and rows[0]["eval/accuracy"] < 0.2, rows
   assert rows[-1]["eval/accuracy"] >= 0.9 and rows[-1]["eval/margin"] > 1.0, rows
   # exported as a sequence classifier: the body, and score.weight = the <|end|> column of the output embedding
-  out = export.to_hf(str(tmp_path / "rm"), str(tmp_path / "hf"))
+  out = export.to_hf(reward_run, str(tmp_path / "hf"))
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
-  cfg, params, tok = runs.load_run(str(tmp_path / "rm"))
+  cfg, params, tok = runs.load_run(reward_run)
   reader = st.Reader(st.files_of(out))
   end_id = tok.token_id(chat.DEFAULT_TEMPLATE.end)
   column = params["embed"]["embedding"][end_id] if cfg.tie_embeddings else params["lm_head"]["kernel"][:, end_id]
   np.testing.assert_array_equal(reader.get("score.weight"), np.asarray(column)[None])
   assert "lm_head.weight" not in reader and "model.norm.weight" in reader
   np.testing.assert_array_equal(reader.get("model.embed_tokens.weight"), params["embed"]["embedding"])
+
+
+# ---- rejection sampling
+
+
+def _sample(pretrained, reward_run, prompts, out, **overrides):
+  argv = ["--policy", pretrained, "--reward", reward_run, "--prompts", str(prompts), "--samples", "4",
+          "--out", str(out), "--max-new-tokens", "8", "--max-prompt-tokens", "32", "--batch-prompts", "2",
+          "--shard-prompts", "2", "--seed", "3"]
+  for key, value in overrides.items():
+    argv += [f"--{key.replace('_', '-')}", str(value)]
+  return rejection_sample.run(rejection_sample.parser().parse_args(argv))
+
+
+def test_best_of_n_keeps_the_argmax_by_an_independent_score_and_resumes(pretrained, reward_run, qa_jsonl, tmp_path):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(line for line in open(qa_jsonl).readlines()[:5]))  # 5 prompts: shards of 2, 2, 1
+  counts = _sample(pretrained, reward_run, prompts, tmp_path / "a")
+  assert counts["shards"] == 3 and counts["best"] == 5
+  best = [json.loads(line) for line in open(tmp_path / "a" / "best.jsonl")]
+  pairs = [json.loads(line) for line in open(tmp_path / "a" / "pairs.jsonl")]
+  assert [b["prompt"] for b in best] == [json.loads(line)["prompt"] for line in open(prompts)]
+  cfg, params, tok = runs.load_run(reward_run)
+  end_id = tok.token_id(chat.DEFAULT_TEMPLATE.end)
+  for b in best:
+    assert len(b["scores"]) == 4 and b["score"] == pytest.approx(max(b["scores"]), abs=1e-5)
+    ids = chat.render_prompt([{"role": "user", "content": b["prompt"]}], tok) + tok.encode(b["response"])
+    assert b["score"] == pytest.approx(_alone(cfg, params, ids, end_id), abs=1e-3)  # the model on it alone
+  for p in pairs:
+    row = next(b for b in best if b["prompt"] == p["prompt"])
+    assert p["chosen"] == row["response"] and p["rejected_score"] == pytest.approx(min(row["scores"]), abs=1e-5)
+    assert p["margin"] == pytest.approx(p["chosen_score"] - p["rejected_score"])
+  # the same seed gives the same files; an interrupted job (its last shard and the merged files missing, a
+  # half-written shard left behind) resumes to them, without duplicates or gaps
+  _sample(pretrained, reward_run, prompts, tmp_path / "b")
+  for name in ("best.jsonl", "pairs.jsonl"):
+    assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+  shards = tmp_path / "b" / "shards"
+  for name in ("best.jsonl", "pairs.jsonl", "shards/best-00002.jsonl", "shards/pairs-00002.jsonl"):
+    os.remove(tmp_path / "b" / name)
+  (shards / "best-00002.jsonl.tmp").write_text('{"partial": ')
+  assert _sample(pretrained, reward_run, prompts, tmp_path / "b")["sampled_now"] == 1
+  for name in ("best.jsonl", "pairs.jsonl"):
+    assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+  with pytest.raises(RunError, match="other arguments.*samples"):
+    _sample(pretrained, reward_run, prompts, tmp_path / "b", samples=3)
+
+
+def test_rejection_sampling_refusals(pretrained, reward_run, tmp_path):
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
+  with pytest.raises(DataError, match="p.jsonl:2"):
+    _sample(pretrained, reward_run, prompts, tmp_path / "x")
+  prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+  with pytest.raises(ConfigError, match="not a reward model"):
+    _sample(pretrained, pretrained, prompts, tmp_path / "y")
+  with pytest.raises(ConfigError, match="best-of-N needs N >= 2"):
+    _sample(pretrained, reward_run, prompts, tmp_path / "z", samples=1)

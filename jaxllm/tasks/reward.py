@@ -14,8 +14,11 @@ counts 0.5) and eval/margin (mean r_chosen − r_rejected).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm import model as model_lib
 from jaxllm.data import chat
@@ -41,6 +44,30 @@ def scores(model_cfg: model_lib.ModelConfig, params, batch: dict, end_id: int):
   score_2B = jnp.take_along_axis(out_2BxTxV[..., end_id], index_2B[:, None], axis=1)[:, 0].astype(jnp.float32)
   b = batch["chosen_inputs"].shape[0]
   return score_2B[:b], score_2B[b:]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _end_scores(cfg, params, inputs_BxT, lengths_B, score_id):
+  t = inputs_BxT.shape[1]
+  real_BxT = (jnp.arange(t)[None] < lengths_B[:, None]).astype(jnp.int32)
+  out_BxTxV = model_lib.forward(cfg, params, inputs_BxT, real_BxT, jnp.arange(t)[None] * real_BxT)
+  return jnp.take_along_axis(out_BxTxV[..., score_id], (lengths_B - 1)[:, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def score_sequences(cfg: model_lib.ModelConfig, params, sequences: list[list[int]], score_id: int, *,
+                    batch_size: int = 16, length: int = 0) -> np.ndarray:
+  """[N] scores of token sequences (a prompt and an answer without its <|end|>), each read at its last token as in
+  training; right-padded to `length` (at least the longest) in batches of `batch_size`: one compiled program."""
+  length = max([length, *(len(s) for s in sequences)])
+  out = np.zeros(len(sequences), np.float32)
+  for start in range(0, len(sequences), batch_size):
+    rows = sequences[start:start + batch_size]
+    buf = np.zeros((batch_size, length), np.int32)
+    lengths = np.ones(batch_size, np.int32)  # the batch's padding rows: one token, discarded
+    for i, ids in enumerate(rows):
+      buf[i, :len(ids)], lengths[i] = ids, len(ids)
+    out[start:start + len(rows)] = np.asarray(_end_scores(cfg, params, buf, lengths, score_id))[:len(rows)]
+  return out
 
 
 def bradley_terry_sum(chosen_B, rejected_B, margin_B=None, center_coef: float = 0.0):
