@@ -74,7 +74,9 @@ def verdict(result: dict) -> str:
   return (f"Verdict: {outcome} — small training set, short answers: weight {f['short_w']:g} lowers the held-out "
           f"answer loss by {f['short_gain']:+.4f} nats against weight 0 ({'beyond' if f['helps_short'] else 'within'}"
           f" the noise ±{f['short_noise']:.4f}); long answers: by {f['long_gain']:+.4f} (weight {f['long_w']:g}; "
-          f"{'vanishes' if f['vanishes_long'] else 'does not vanish'}: noise ±{f['long_noise']:.4f})")
+          f"{'vanishes' if f['vanishes_long'] else 'does not vanish'}: noise ±{f['long_noise']:.4f}, "
+          f"{100 * f['long_gain'] / f['short_gain'] if f['short_gain'] > 0 else float('nan'):.0f}% of the "
+          f"short-answer gain, vanished below {100 * VANISHED:.0f}%)")
 
 
 def plot(directory: str, result: dict) -> str:
