@@ -64,6 +64,24 @@ def test_pipeline_quick_end_to_end(tmp_path):
   assert "| pretrain | validation loss" in report and "| rpo | 1 |" in report
 
 
+def test_lora_rank_quick_end_to_end(tmp_path):
+  report = _quick("lora_rank", tmp_path / "lr")
+  assert (tmp_path / "lr" / "lora_rank.png").stat().st_size > 0
+  assert "| near | {q,v} |" in report and "| far | {q,v} |" in report
+
+
+def test_prompt_loss_quick_end_to_end(tmp_path):
+  report = _quick("prompt_loss", tmp_path / "pls")
+  assert (tmp_path / "pls" / "prompt_loss.png").stat().st_size > 0
+  assert "| short (3/30 words) | small (100) |" in report
+
+
+def test_dpo_beta_quick_end_to_end(tmp_path):
+  report = _quick("dpo_beta", tmp_path / "db")
+  assert (tmp_path / "db" / "frontier.png").stat().st_size > 0
+  assert "Tabular check: TV" in report and "| DPO | dpo_beta0.1 |" in report
+
+
 def test_degenerate_answers_are_token_loops():
   assert pipeline_report.degenerate([5, 6, 7] * 3)
   assert pipeline_report.degenerate([1, 2] + [9, 9, 9, 9, 9])         # one token repeated: (9, 9, 9) x3
