@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -83,9 +84,16 @@ class Progress:
 
 def measure_peak_flops(dtype: str = "float32", n: int | None = None, seconds: float = 0.3, trials: int = 3) -> float:
   """FLOP/s of a large square matmul on the default device, in `dtype`: the denominator of MFU.
-  The best of `trials` timed windows of about `seconds` each."""
+  The best of `trials` timed windows of about `seconds` each; measured once per process and setting (a second
+  run in the same process, as in tests and notebooks, reuses it)."""
   dev = jax.devices()[0]
-  n = n or (8192 if dev.platform == "gpu" else 1024)
+  return _measure_peak_flops(dev.platform, dev.device_kind, dtype, n or (8192 if dev.platform == "gpu" else 1024),
+                             seconds, trials)
+
+
+@functools.cache
+def _measure_peak_flops(platform: str, device_kind: str, dtype: str, n: int, seconds: float, trials: int) -> float:
+  del platform, device_kind  # the cache key: the device the measurement is of
   a = jax.random.normal(jax.random.key(0), (n, n), dtype=jnp.dtype(dtype))
   mm = jax.jit(lambda x, y: x @ y)
   mm(a, a).block_until_ready()  # compile

@@ -41,7 +41,7 @@ from jaxllm.sweep import report as sweep_report  # noqa: E402
 MONOTONE = -0.8          # Spearman's ρ at or below this counts as a decreasing trend (5 points: ≤ 2 adjacent swaps)
 TABULAR_TV = 0.02        # the tabular check passes at this total variation or less
 NUM_PROMPTS, SAMPLES = 128, 8       # held-out prompts, samples of each (quick: fewer)
-QUICK_PROMPTS, QUICK_SAMPLES = 32, 4
+QUICK_PROMPTS, QUICK_SAMPLES = 16, 4
 NEW_TOKENS = 2 * sweep.ANSWER_WORDS + 2  # room for a policy that does not stop after its 8 words
 PROMPT_SEED = 100        # the held-out prompts: walks no data file drew (those use seeds 1 and 2)
 LABELS = {"dpo": "DPO", "ipo": "IPO", "cdpo": "cDPO", "simpo": "SimPO", "preferred": "SFT on preferred"}

@@ -28,8 +28,8 @@ OTHERS = {  # the DPO family beside it, each at a usual setting
     "cdpo": {"dpo.kind": "sigmoid", "dpo.beta": 0.1, "dpo.label_smoothing": 0.1},  # 10% of labels assumed flipped
     "simpo": {"dpo.kind": "simpo", "dpo.beta": 2.0, "dpo.gamma": 1.0},          # no reference; Meng et al.'s β, γ/β
 }
-PREFERRED_STEPS, QUICK_PREFERRED_STEPS = (100, 400), (40,)  # the baseline: SFT on the chosen answers, short and long
-DPO_STEPS, QUICK_DPO_STEPS = 300, 40
+PREFERRED_STEPS, QUICK_PREFERRED_STEPS = (100, 400), (20,)  # the baseline: SFT on the chosen answers, short and long
+DPO_STEPS, QUICK_DPO_STEPS = 300, 20
 CHECKPOINTS = 4  # kept per run, at 1/4, 1/2, 3/4 and the end of training: the report evaluates each (as the paper)
 
 
@@ -65,7 +65,7 @@ def get_config(arg=None):
   c.model.remat_policy = "none"
   c.train.batch_size, c.train.seq_len = 16, 32
   if a.stage == "sft":
-    c.train.steps = 300 if a.quick else 2000
+    c.train.steps = 150 if a.quick else 2000
     c.optimizer.learning_rate = 3e-3             # from scratch: pretraining's rate
   elif a.stage == "dpo":
     c.train.steps = QUICK_DPO_STEPS if a.quick else DPO_STEPS  # 300: 1.3 epochs of the pairs

@@ -36,7 +36,7 @@ def get_config(arg=None):
   for key, value in MODEL.items():
     c[key.split(".")[0]][key.split(".")[1]] = value
   c.model.remat_policy = "none"
-  c.train.steps, c.train.batch_size, c.train.seq_len = (300 if a.quick else 3000), 16, 64
+  c.train.steps, c.train.batch_size, c.train.seq_len = (100 if a.quick else 3000), 16, 64
   c.train.log_every = 100
   c.train.eval_every = c.train.steps // 3
   c.train.eval_batches = 2 if a.quick else 8
@@ -47,7 +47,7 @@ def get_config(arg=None):
 
 
 def finetune(a, task: str, targets: str, rank: int, seed: int) -> dict:
-  steps = 30 if a.quick else 200
+  steps = 12 if a.quick else 200
   return {"name": f"{task}_{targets}_r{rank}_seed{seed}", "init_from": "@pretrain", "seed": seed,
           "data.sources": os.path.join(a.data, f"{task}.jsonl"), "data.validation_fraction": 0.1,
           "lora.enabled": True, "lora.rank": rank, "lora.alpha": 16.0, "lora.targets": TARGETS[targets],

@@ -39,7 +39,7 @@ def get_config(arg=None):
   for key, value in MODEL.items():
     c.model[key] = value
   c.model.remat_policy = "none"
-  c.train.steps, c.train.batch_size, c.train.seq_len = (200 if a.quick else 1500), 16, 64
+  c.train.steps, c.train.batch_size, c.train.seq_len = (100 if a.quick else 1500), 16, 64
   c.train.log_every = 100
   c.train.eval_every = c.train.steps // 3
   c.train.eval_batches = 2 if a.quick else 8
@@ -50,7 +50,7 @@ def get_config(arg=None):
 
 
 def sft(a, shape: str, size: str, weight: float, seed: int) -> dict:
-  steps = 20 if a.quick else 150
+  steps = 12 if a.quick else 150
   return {"name": f"{shape}_{size}_w{weight:g}_seed{seed}", "init_from": "@pretrain", "seed": seed,
           "config": f"{os.path.abspath(__file__)}:quick={a.quick},data={a.data},stage=sft",
           "data.sources": data_file(a.data, shape, size), "data.prompt_loss_weight": weight,
