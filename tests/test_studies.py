@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import study
 from experiments.lora_rank import report as lora_rank_report
 from experiments.pipeline import report as pipeline_report
 from experiments.prompt_loss import report as prompt_loss_report
@@ -130,10 +131,11 @@ def test_lora_rank_verdict_follows_the_numbers(qv64, q8, far1, want):
   assert f"r=1 − r=64 = {2.0 - qv64:+.4f}" in line
 
 
-def test_noise_is_twice_the_standard_error_of_the_difference():
+def test_stats_and_noise():
+  assert study.stats([1.0, 3.0, None, float("nan")]) == {"mean": 2.0, "std": pytest.approx(np.sqrt(2)), "n": 2}
+  assert study.stats([5.0]) == {"mean": 5.0, "std": 0.0, "n": 1}
   a, b = {"mean": 0, "std": 0.3, "n": 3}, {"mean": 0, "std": 0.4, "n": 3}
-  assert lora_rank_report.noise(a, b) == pytest.approx(2 * np.sqrt(0.09 / 3 + 0.16 / 3))
-  assert prompt_loss_report.noise(a, b) == lora_rank_report.noise(a, b)
+  assert study.noise(a, b) == pytest.approx(2 * np.sqrt(0.09 / 3 + 0.16 / 3))  # twice the s.e. of the difference
 
 
 @pytest.mark.parametrize("short,long,want", [((3.0, 2.8), (2.0, 2.0), "reproduced"),

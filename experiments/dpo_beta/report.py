@@ -17,10 +17,8 @@ minimising the expected DPO loss under Bradley–Terry preferences lands on π_r
 """
 
 import collections
-import datetime
 import functools
 import os
-import platform
 import re
 import sys
 
@@ -403,16 +401,11 @@ def write(directory: str, quick: bool = False, runtime_s: float | None = None) -
                         f"{'yes' if gap >= -noise else 'no'} |" for g, step, k, r, gap, noise in f["baseline"])
   checkpoints = "\n".join(f"| {g} | " + " | ".join(f"{k:.2f}, {r:.3f}" for _, k, r, _ in _trajectory(policies[g]))
                           + " |" for g in _order(policies))
-  when = datetime.date.today().isoformat()
-  machine = f"{os.cpu_count()} CPU cores ({platform.machine()})"
-  runtime = f", {runtime_s / 60:.1f} min for this invocation" if runtime_s else ""
   passed = "passes" if tab["tv"] <= TABULAR_TV else "FAILS"
   sft_wall = result["sft_wall_s"] or 0.0
   text = f"""# DPO's reward-KL frontier against β at tiny scale: report
 
-{when}, {machine}{runtime}{" — **--quick: a check of the pipeline, not a result**" if quick else ""}.
-`python experiments/dpo_beta/run.py --workdir DIR{" --quick" if quick else ""}`; the protocol is in README.md beside
-this file; every number below is computed from the runs in DIR (`results.md` lists each point).
+{study.preamble("dpo_beta", quick, runtime_s)}
 
 {line}
 

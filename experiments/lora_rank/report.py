@@ -9,12 +9,8 @@ final held-out loss of each point (mean and std over seeds):
   python experiments/lora_rank/report.py DIR     # (run.py calls it after the sweep)
 """
 
-import datetime
 import os
-import platform
 import sys
-
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
@@ -29,21 +25,10 @@ METRIC = "eval/loss/final"
 
 def trainable(targets: str, rank: int) -> int:
   """LoRA parameters of `targets` at `rank` on sweep.MODEL: rank·(in + out) per kernel per layer."""
-  m = {k.split(".")[1]: v for k, v in sweep.MODEL.items()}
+  m = sweep.MODEL
   d, q_out, kv_out = m["d_model"], m["num_heads"] * m["head_dim"], m["num_kv_heads"] * m["head_dim"]
   per = {"q": d + q_out, "k": d + kv_out, "v": d + kv_out, "o": q_out + d}
   return rank * m["num_layers"] * sum(per[t] for t in targets)
-
-
-def _stats(values) -> dict:
-  v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
-  return {"mean": float(v.mean()) if len(v) else float("nan"),
-          "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
-
-
-def noise(a: dict, b: dict) -> float:
-  """Twice the standard error of a difference of two means: the band a difference must leave to count."""
-  return 2.0 * float(np.sqrt(a["std"] ** 2 / max(a["n"], 1) + b["std"] ** 2 / max(b["n"], 1)))
 
 
 def analyse(directory: str, quick: bool) -> dict:
@@ -52,8 +37,8 @@ def analyse(directory: str, quick: bool) -> dict:
   cells = {}  # (task, targets) -> {rank: stats}
   for task, targets in [("near", t) for t in (sweep.QUICK_TARGETS if quick else sweep.TARGETS)] + \
                        [("far", t) for t in sweep.FAR_TARGETS]:
-    cells[(task, targets)] = {r: _stats([rows[n][METRIC] for n in rows if n.startswith(f"{task}_{targets}_r{r}_")])
-                              for r in ranks}
+    cells[(task, targets)] = {
+        r: study.stats([rows[n][METRIC] for n in rows if n.startswith(f"{task}_{targets}_r{r}_")]) for r in ranks}
   before = {}  # the pretrained model's held-out loss on each task: step 0 of any of its fine-tuning points
   for task in ("near", "far"):
     first = next(n for n in rows if n.startswith(f"{task}_"))
@@ -70,13 +55,13 @@ def findings(result: dict) -> dict:
     means = [s["mean"] for s in c.values()]
     return max(means) - min(means)
 
-  out = {"qv_gap": qv[lo]["mean"] - qv[hi]["mean"], "qv_noise": noise(qv[lo], qv[hi]),
-         "far_gap": far[lo]["mean"] - far[hi]["mean"], "far_noise": noise(far[lo], far[hi]),
+  out = {"qv_gap": qv[lo]["mean"] - qv[hi]["mean"], "qv_noise": study.noise(qv[lo], qv[hi]),
+         "far_gap": far[lo]["mean"] - far[hi]["mean"], "far_noise": study.noise(far[lo], far[hi]),
          "q_spread": spread(q), "qv_spread": spread(qv)}
   # Table 5's budget: q at 2x the rank of q,v (equal parameters up to GQA's smaller k/v); quick has only 1 and 64
   q_rank, qv_rank = (sweep.BUDGET["q"], sweep.BUDGET["qv"]) if sweep.BUDGET["q"] in q else (hi, hi)
   out.update(q_rank=q_rank, qv_rank=qv_rank, budget_gap=q[q_rank]["mean"] - qv[qv_rank]["mean"],
-             budget_noise=noise(q[q_rank], qv[qv_rank]))
+             budget_noise=study.noise(q[q_rank], qv[qv_rank]))
   out["qv_flat"] = abs(out["qv_gap"]) <= out["qv_noise"]
   out["q_worse"] = out["budget_gap"] > out["budget_noise"]
   out["q_more_sensitive"] = out["q_spread"] > out["qv_spread"]
@@ -146,14 +131,9 @@ def write(directory: str, quick: bool = False, runtime_s: float | None = None) -
       for (task, targets), c in result["cells"].items())
   params = "\n".join(f"| {{{','.join(t)}}} | " + " | ".join(f"{trainable(t, r):,}" for r in ranks) + " |"
                      for t in (sweep.QUICK_TARGETS if quick else sweep.TARGETS))
-  when = datetime.date.today().isoformat()
-  machine = f"{os.cpu_count()} CPU cores ({platform.machine()})"
-  runtime = f", {runtime_s / 60:.1f} min for this invocation" if runtime_s else ""
   text = f"""# LoRA rank and targets at tiny scale: report
 
-{when}, {machine}{runtime}{" — **--quick: a check of the pipeline, not a result**" if quick else ""}.
-`python experiments/lora_rank/run.py --workdir DIR{" --quick" if quick else ""}`; the protocol is in README.md beside
-this file; every number below is computed from the runs in DIR (`results.md` lists each point).
+{study.preamble("lora_rank", quick, runtime_s)}
 
 {line}
 

@@ -10,7 +10,7 @@ arg: quick (fewer, shorter points: what the tests run) and data (the directory o
 
 import os
 
-from configs import pretrain_tiny
+from experiments import study
 from jaxllm.config import parse_arg
 
 RANKS, QUICK_RANKS = (1, 2, 4, 8, 16, 64), (1, 64)
@@ -18,8 +18,7 @@ TARGETS = {"q": r"attn/q/kernel$", "qv": r"attn/(q|v)/kernel$", "qkvo": r"attn/(
 QUICK_TARGETS = ("q", "qv")
 BUDGET = {"q": 8, "qv": 4, "qkvo": 2}  # Hu et al. Table 5: one trainable-parameter budget, spread over the targets
 FAR_TARGETS = ("qv",)                 # the control: the paper's recommended targets on a task far from pretraining
-MODEL = {"model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
-         "model.head_dim": 16, "model.mlp_dim": 192}
+MODEL = {"d_model": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "mlp_dim": 192}
 
 
 def _arg(arg):
@@ -29,21 +28,7 @@ def _arg(arg):
 def get_config(arg=None):
   """Pretraining on every topic; the fine-tuning points override data.sources, init_from, lora.* and steps."""
   a = _arg(arg)
-  c = pretrain_tiny.get_config()
-  c.data.sources = os.path.join(a.data, "pretrain.jsonl")
-  c.data.validation_fraction = 0.05
-  c.data.tokenizer.vocab_size = 512          # 32 words, their syllables, letters, bytes: every word one token
-  for key, value in MODEL.items():
-    c[key.split(".")[0]][key.split(".")[1]] = value
-  c.model.remat_policy = "none"
-  c.train.steps, c.train.batch_size, c.train.seq_len = (100 if a.quick else 3000), 16, 64
-  c.train.log_every = 100
-  c.train.eval_every = c.train.steps // 3
-  c.train.eval_batches = 2 if a.quick else 8
-  c.train.checkpoint_every = c.train.steps
-  c.train.num_samples = 0
-  c.optimizer.warmup_steps = c.train.steps // 10
-  return c
+  return study.tiny_lm_config(os.path.join(a.data, "pretrain.jsonl"), MODEL, 100 if a.quick else 3000, a.quick)
 
 
 def finetune(a, task: str, targets: str, rank: int, seed: int) -> dict:

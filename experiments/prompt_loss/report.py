@@ -10,12 +10,8 @@ only, whatever the training weight of the prompt):
   python experiments/prompt_loss/report.py DIR     # (run.py calls it after the sweep)
 """
 
-import datetime
 import os
-import platform
 import sys
-
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
@@ -29,25 +25,14 @@ SMALL_WEIGHTS = (0.01, 0.1)  # "a small non-zero weight"
 VANISHED = 0.25              # the long-answer gain counts as vanished below this share of the short-answer gain
 
 
-def _stats(values) -> dict:
-  v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
-  return {"mean": float(v.mean()) if len(v) else float("nan"),
-          "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
-
-
-def noise(a: dict, b: dict) -> float:
-  """Twice the standard error of a difference of two means: the band a difference must leave to count."""
-  return 2.0 * float(np.sqrt(a["std"] ** 2 / max(a["n"], 1) + b["std"] ** 2 / max(b["n"], 1)))
-
-
 def analyse(directory: str, quick: bool) -> dict:
   rows = {r["name"]: r for r in sweep_report.collect(directory)}
   weights = sweep.QUICK_WEIGHTS if quick else sweep.WEIGHTS
   cells = {}  # (shape, size) -> {weight: stats}
   for shape in sweep.SHAPES:
     for size in (sweep.QUICK_SIZES if quick else sweep.SIZES):
-      cells[(shape, size)] = {w: _stats([rows[n][METRIC] for n in rows if n.startswith(f"{shape}_{size}_w{w:g}_")])
-                              for w in weights}
+      cells[(shape, size)] = {
+          w: study.stats([rows[n][METRIC] for n in rows if n.startswith(f"{shape}_{size}_w{w:g}_")]) for w in weights}
   return {"cells": cells, "weights": weights, "quick": quick}
 
 
@@ -55,7 +40,7 @@ def gain(cell: dict) -> tuple[float, float, float]:
   """(weight 0's loss − the best small weight's, the noise of that difference, the best small weight)."""
   small = [w for w in SMALL_WEIGHTS if w in cell] or [w for w in cell if w > 0]
   best = min(small, key=lambda w: cell[w]["mean"])
-  return cell[0.0]["mean"] - cell[best]["mean"], noise(cell[0.0], cell[best]), best
+  return cell[0.0]["mean"] - cell[best]["mean"], study.noise(cell[0.0], cell[best]), best
 
 
 def findings(result: dict) -> dict:
@@ -116,14 +101,9 @@ def write(directory: str, quick: bool = False, runtime_s: float | None = None) -
       f"| {shape} ({sweep.SHAPES[shape][1]}/{sweep.SHAPES[shape][0]} words) | {size} ({sweep.SIZES[size]}) | "
       + " | ".join(f"{c[w]['mean']:.4f} ± {c[w]['std']:.4f} ({c[w]['n']})" for w in weights) + " |"
       for (shape, size), c in result["cells"].items())
-  when = datetime.date.today().isoformat()
-  machine = f"{os.cpu_count()} CPU cores ({platform.machine()})"
-  runtime = f", {runtime_s / 60:.1f} min for this invocation" if runtime_s else ""
   text = f"""# The prompt-loss weight in SFT at tiny scale: report
 
-{when}, {machine}{runtime}{" — **--quick: a check of the pipeline, not a result**" if quick else ""}.
-`python experiments/prompt_loss/run.py --workdir DIR{" --quick" if quick else ""}`; the protocol is in README.md
-beside this file; every number below is computed from the runs in DIR (`results.md` lists each point).
+{study.preamble("prompt_loss", quick, runtime_s)}
 
 {line}
 

@@ -9,7 +9,8 @@ arg: quick (fewer, shorter points: what the tests run) and data (the directory o
 
 import os
 
-from configs import pretrain_tiny, sft as sft_config
+from configs import sft as sft_config
+from experiments import study
 from jaxllm.config import parse_arg
 
 WEIGHTS, QUICK_WEIGHTS = (0.0, 0.01, 0.1, 0.5, 1.0), (0.0, 0.1)
@@ -32,21 +33,16 @@ def get_config(arg=None):
   """Pretraining on four topics (stage=pretrain) or configs/sft.py's keys on the same model (stage=sft: the points
   set its data, init_from, steps and learning rate)."""
   a = _arg(arg)
-  c = pretrain_tiny.get_config() if a.stage == "pretrain" else sft_config.get_config().unlock()
-  c.data.sources = os.path.join(a.data, "pretrain.jsonl")
-  c.data.validation_fraction = 0.05
-  c.data.tokenizer.vocab_size = 512            # 64 words, their syllables, letters, bytes: every word one token
-  for key, value in MODEL.items():
-    c.model[key] = value
-  c.model.remat_policy = "none"
-  c.train.steps, c.train.batch_size, c.train.seq_len = (100 if a.quick else 1500), 16, 64
-  c.train.log_every = 100
-  c.train.eval_every = c.train.steps // 3
-  c.train.eval_batches = 2 if a.quick else 8
-  c.train.checkpoint_every = c.train.steps
-  c.train.num_samples = 0
-  c.optimizer.warmup_steps = c.train.steps // 10
-  return c
+  c = study.tiny_lm_config(os.path.join(a.data, "pretrain.jsonl"), MODEL, 100 if a.quick else 1500, a.quick)
+  if a.stage == "pretrain":
+    return c
+  sft = sft_config.get_config().unlock()  # its data keys (prompt_loss_weight, overlong), this model and schedule
+  samples = sft.train.sample_tokens, sft.train.sample_prompts
+  for section in ("model", "train", "optimizer"):
+    sft[section] = c[section]
+  sft.train.sample_tokens, sft.train.sample_prompts = samples
+  sft.data.tokenizer = c.data.tokenizer
+  return sft
 
 
 def sft(a, shape: str, size: str, weight: float, seed: int) -> dict:
