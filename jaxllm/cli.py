@@ -6,8 +6,9 @@
   jaxllm hf import --hf HF_DIR --out RUN | jaxllm hf export --workdir RUN --out HF_DIR [--peft]
   jaxllm sweep --config FILE[:arg] --workdir DIR [--parallel N] [--slurm] [--dry-run] | jaxllm sweep report DIR
   jaxllm rejection-sample --policy RUN --reward RUN --prompts FILES --samples N --out DIR   # best-of-N
+  jaxllm eval --run DIR --tasks chatterbot_mc_en,stdlib_ppl[,my_task.jsonl] [--limit N] | jaxllm eval --list
 
-`python -m jaxllm.train|generate|export|hf|sweep|rejection_sample` are the same commands. A refusal (a bad config value, bad data, a
+`python -m jaxllm.train|generate|export|hf|sweep|rejection_sample|evaluation` are the same commands. A refusal (a bad config value, bad data, a
 resume the run directory refuses, a missing file) prints one line, `error: <what>: <why>`, and exits 2; a
 preemption (SIGTERM) exits 75 after saving; anything else is a crash, with its traceback on stderr and, for
 `train`, appended to WORKDIR/crash.log (exit 1). `--debug` (or JAXLLM_DEBUG=1) shows the traceback of a refusal
@@ -26,7 +27,8 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxllm import config as config_lib, distributed, export, generate as generate_lib, rejection_sample, runs
+from jaxllm import config as config_lib, distributed, evaluation, export, generate as generate_lib, rejection_sample
+from jaxllm import runs
 from jaxllm import train as train_lib
 from jaxllm.checkpoint import CheckpointError
 from jaxllm.data import chat
@@ -158,7 +160,7 @@ def hf(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": train, "generate": generate, "export": export_run, "hf": hf, "sweep": sweep_command.main,
-            "rejection-sample": rejection_sample.main}
+            "rejection-sample": rejection_sample.main, "eval": evaluation.main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -300,3 +300,12 @@ def prepare_tokenizer(config, workdir: str, texts, *, check, init_from_dir: str 
   if source:
     log(f"tokenizer: {tok.vocab_size} pieces ({source})")
   return tok
+
+
+def write_eval(run_dir: str, task: str, metrics: dict) -> str:
+  """RUN/eval/<task>.json (a task file's name without its directory and suffix), written atomically; its path."""
+  name = os.path.basename(task).removesuffix(".jsonl")
+  path = os.path.join(run_dir, "eval", f"{name}.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  _write_json(path, {"task": task, **metrics})
+  return path

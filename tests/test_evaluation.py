@@ -2,12 +2,17 @@
 row: loglikelihood (also across a tokenizer boundary, and batched/bucketed against one at a time), the greedy
 flag, and rolling windows that predict every token once."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import evaluation, model
+from jaxllm import cli, evaluation, model
+from jaxllm.data import sft
+from jaxllm.data.sources import DataError
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +80,46 @@ def test_rolling_loglikelihood_equals_the_windows_by_hand(scorer, pretrained):
   # with room for the whole text it is loglikelihood with an empty context
   long = evaluation.Scorer.from_run(pretrained, max_length=512)
   assert long.loglikelihood_rolling([text])[0] == pytest.approx(long.loglikelihood([("", text)])[0][0], abs=1e-4)
-  with pytest.raises(ValueError, match="more than max_length"):
+  with pytest.raises(ValueError, match="it needs 1 to max_length=8"):
     short.loglikelihood([("", text)])
   assert len(ids) > 9 and np.isfinite(want)
+
+
+def test_multiple_choice_accuracy_is_the_argmax_by_hand(scorer, tmp_path):
+  items = [{"context": "The cat", "choices": [" sees the ball.", " xq zz qq.", " the the the"], "answer": 0},
+           {"context": "A dog", "choices": [" zzzz.", " likes the river."], "answer": 1},
+           {"context": "The king", "choices": [" carries an old book.", " paints the moon."], "answer": 1}]
+  path = tmp_path / "mc.jsonl"
+  path.write_text("".join(json.dumps(it) + "\n" for it in items))
+  got = evaluation.evaluate(scorer, evaluation.load_task(str(path)))
+  acc = acc_norm = 0
+  for it in items:
+    logps = []
+    for choice in it["choices"]:
+      context_ids = scorer.tok.encode(it["context"])
+      continuation = scorer.tok.encode(it["context"] + choice)[len(context_ids):]
+      logps.append(by_hand(scorer, context_ids + continuation, len(continuation))[0])
+    acc += int(np.argmax(logps)) == it["answer"]
+    acc_norm += int(np.argmax([lp / len(c.encode()) for lp, c in zip(logps, it["choices"])])) == it["answer"]
+  assert got == {"acc": acc / 3, "acc_norm": acc_norm / 3, "n": 3}
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"context": "x", "choices": ["a", "b"], "answer": 2}) + "\n")
+  with pytest.raises(DataError, match=r"bad.jsonl:1.*'answer' must index"):
+    evaluation.load_task(str(bad))
+
+
+def test_embedded_tasks_and_the_command(pretrained, capsys):
+  items = evaluation.load_task("chatterbot_mc_en")
+  assert len(items) > 50 and all(len(it["choices"]) == 4 and it["chat"] for it in items)
+  assert evaluation.load_task("chatterbot_mc_en") == items  # seeded
+  held_out = sft.conversations("chatterbot:english", "validation", validation_fraction=0.1)  # SFT's held-out
+  pairs = {(c[0]["content"], c[1]["content"]) for c in held_out}
+  assert all((it["context"], it["choices"][it["answer"]]) in pairs for it in items)
+  assert cli.main(["eval", "--list"]) == 0 and "stdlib_ppl" in capsys.readouterr().out
+  assert cli.main(["eval", "--run", pretrained, "--tasks", "chatterbot_mc_en,stdlib_ppl", "--limit", "6",
+                   "--max-length", "256"]) == 0
+  written = json.load(open(os.path.join(pretrained, "eval", "chatterbot_mc_en.json")))
+  assert written["n"] == 6 and 0 <= written["acc"] <= 1 and written["task"] == "chatterbot_mc_en"
+  ppl = json.load(open(os.path.join(pretrained, "eval", "stdlib_ppl.json")))
+  assert ppl["n"] == 6 and ppl["perplexity"] > 1 and ppl["tokens"] > 100
+  assert cli.main(["eval", "--run", pretrained, "--tasks", "nope"]) == 2
