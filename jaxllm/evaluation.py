@@ -138,6 +138,7 @@ class Scorer:
 
 CHOICES = 4            # choices per embedded multiple-choice item: the answer and three distractors
 STDLIB_CHARS = 2000    # the first characters of each held-out standard-library file
+MAX_ANSWER_CHARS = 200  # embedded answer selection keeps the conversations whose answer is at most this long
 EMBEDDED = {
     "chatterbot_mc_en": "answer selection on held-out English chatterbot conversations (1 of 4, chat template)",
     "chatterbot_mc_zh": "answer selection on held-out Chinese chatterbot conversations (1 of 4, chat template)",
@@ -146,11 +147,13 @@ EMBEDDED = {
 
 
 def chatterbot_choices(language: str, seed: int = 0) -> list[dict]:
-  """Held-out conversations (the validation split SFT's default holds out) of one chatterbot language: the first
-  question, its answer and three answers of other held-out conversations, in a seeded random order."""
+  """Held-out conversations (the validation split SFT's default holds out) of one chatterbot language whose answer
+  has at most MAX_ANSWER_CHARS characters: the first question, its answer and three answers of other such
+  conversations, in a seeded random order."""
   from jaxllm.data import sft
 
-  convs = sft.conversations(f"chatterbot:{language}", "validation", validation_fraction=0.1)
+  convs = [c for c in sft.conversations(f"chatterbot:{language}", "validation", validation_fraction=0.1)
+           if len(c[1]["content"]) <= MAX_ANSWER_CHARS]
   answers = [c[1]["content"] for c in convs]
   rng, items = np.random.default_rng(seed), []
   for i, conv in enumerate(convs):
@@ -260,7 +263,10 @@ def main(argv: list[str]) -> int:
   rows = []
   for name in filter(None, args.tasks.split(",")):
     start = time.time()
-    metrics = evaluate(scorer, load_task(name, args.limit))
+    try:
+      metrics = evaluate(scorer, load_task(name, args.limit))
+    except ValueError as e:  # an item the rows cannot hold: a refusal naming the task, not a traceback
+      raise ConfigError(f"--tasks {name}: {e}; give a larger --max-length") from e
     metrics["seconds"] = round(time.time() - start, 2)
     path = runs.write_eval(args.run, name, metrics)
     rows.append((name, metrics, path))
