@@ -85,10 +85,27 @@ class Progress:
 def measure_peak_flops(dtype: str = "float32", n: int | None = None, seconds: float = 0.3, trials: int = 3) -> float:
   """FLOP/s of a large square matmul on the default device, in `dtype`: the denominator of MFU.
   The best of `trials` timed windows of about `seconds` each; measured once per process and setting (a second
-  run in the same process, as in tests and notebooks, reuses it)."""
+  run in the same process, as in tests and notebooks, reuses it). With JAXLLM_PEAK_FLOPS_CACHE=FILE set (the test
+  suite sets it), processes share one measurement per setting through that JSON file."""
   dev = jax.devices()[0]
-  return _measure_peak_flops(dev.platform, dev.device_kind, dtype, n or (8192 if dev.platform == "gpu" else 1024),
-                             seconds, trials)
+  key = (dev.platform, dev.device_kind, dtype, n or (8192 if dev.platform == "gpu" else 1024), seconds, trials)
+  path = os.environ.get("JAXLLM_PEAK_FLOPS_CACHE")
+  if not path:
+    return _measure_peak_flops(*key)
+  name = json.dumps(key)
+  try:
+    with open(path) as f:
+      known = json.load(f)
+  except (OSError, ValueError):
+    known = {}
+  if name not in known:
+    known[name] = _measure_peak_flops(*key)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(known, f)
+    os.replace(tmp, path)  # whole files only: concurrent writers lose an entry at worst, never the file
+  return known[name]
 
 
 @functools.cache

@@ -17,6 +17,8 @@ def pytest_configure(config):
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # one measured peak FLOP/s for the suite and the runs it starts in subprocesses (MFU's denominator)
+  os.environ["JAXLLM_PEAK_FLOPS_CACHE"] = os.path.join(str(config.rootpath), ".pytest_cache", "peak_flops.json")
 
 
 _SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the teacher", "a small bird", "the king"]
