@@ -1,11 +1,12 @@
-"""Full fine-tuning against LoRA on the same batch: trainable params, optimizer-state bytes, compiled memory and
-step time of the real train step (step.train_step through peft.Lora), small preset by default. LoRA
+"""Full fine-tuning against LoRA, prompt tuning and prefix tuning on the same batch: trainable params,
+optimizer-state bytes, compiled memory and step time of the real train step (step.train_step through the
+jaxllm/peft.py tuning), small preset by default. LoRA
 runs on the trainer's unmerged path (each module x·(W + s·A·B) with a backward pass that never forms dL/dW; with
 dropout, x·W + s·(drop(x)·A)·B) and, for comparison, on the merged one (model on merge(W, ΔW)).
 A last row trains only the norm scales of the frozen model: no weight gradient at all, the floor a LoRA step
 approaches as its adapters get cheaper. Step times are taken in turn, round robin, best of --rounds.
 
-  python bench/lora.py [--size small] [--rank 8] [--batch 8] [--seq 256] [--steps 3] [--rounds 3]
+  python bench/lora.py [--size small] [--rank 8] [--virtual 20] [--batch 8] [--seq 256] [--steps 3] [--rounds 3]
 
 Memory is XLA's compiled memory analysis of the step (arguments + outputs + temporaries, aliasing excluded): the
 peak a device needs, known without running on one.
@@ -48,7 +49,7 @@ def measure(config, model_cfg, steps, floor=False):
   init = functools.partial(step_lib.init_state, init_trainable=init_trainable, tx=tx)
   state = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(0))
   frozen = {}
-  if floor or config.lora.enabled:
+  if floor or peft.kind(config) != "full":
     base = model_lib.init(model_cfg, jax.random.key(1))
     frozen["base"] = lora.quantize_int8(base, config.lora.targets) if config.lora.quantize_base else base
   b, t = config.train.batch_size, config.train.seq_len
@@ -85,6 +86,7 @@ def main():
   p.add_argument("--size", default="small")
   p.add_argument("--vocab", type=int, default=8192)
   p.add_argument("--rank", type=int, default=8)
+  p.add_argument("--virtual", type=int, default=20, help="virtual tokens of prompt and prefix tuning")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--steps", type=int, default=3, help="steps per timing")
@@ -106,6 +108,13 @@ def main():
     config.lora.alpha = 2.0 * args.rank
     rows[name], timers[name] = measure(config, model_cfg, args.steps)
   config.lora.enabled, config.lora.quantize_base, config.lora.dropout = False, False, 0.0
+  for name, prompt, prefix, hidden in ((f"prompt tuning, {args.virtual} tokens", args.virtual, 0, 0),
+                                       (f"prefix tuning, {args.virtual} tokens", 0, args.virtual, 0),
+                                       (f"prefix tuning, {args.virtual} tokens, MLP 512", 0, args.virtual, 512)):
+    config.prompt_tuning.num_tokens, config.prefix_tuning.num_tokens = prompt, prefix
+    config.prefix_tuning.hidden = hidden
+    rows[name], timers[name] = measure(config, model_cfg, args.steps)
+  config.prompt_tuning.num_tokens = config.prefix_tuning.num_tokens = 0
   floor = "frozen matrices, norms trained (floor)"
   rows[floor], timers[floor] = measure(config, model_cfg, args.steps, floor=True)
   for _ in range(args.rounds):  # round robin, best of each: slow drifts of a shared machine hit every row alike

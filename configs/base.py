@@ -78,6 +78,23 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
                                           # new delta on its merged model)
   c.lora.merged = False                   # compute with merge(W, ΔW) instead of x·W + s·(x·A)·B (slower backward)
 
+  c.prompt_tuning = ml_collections.ConfigDict()
+  c.prompt_tuning.num_tokens = 0          # > 0: train this many virtual-token embeddings ahead of every sequence
+                                          # on the frozen init_from model (0 = off)
+  c.prompt_tuning.init_text = ""          # start from this text's token embeddings (repeated); "" = random tokens'
+
+  c.prefix_tuning = ml_collections.ConfigDict()
+  c.prefix_tuning.num_tokens = 0          # > 0: train this many keys and values at every layer (P-tuning v2) on
+                                          # the frozen init_from model (0 = off)
+  c.prefix_tuning.hidden = 0              # > 0: produce them from an embedding through a tanh MLP of this width
+                                          # while training (PEFT's prefix_projection); 0 = train them directly
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.tasks = ""                       # tasks scored at every eval step, logged as eval/<task>/<metric>:
+                                          # comma-separated (jaxllm eval --list, or .jsonl files); "" = off
+  c.eval.max_items = 64                   # the first items of each task (0 = all): keeps an eval step cheap
+  c.eval.max_length = 0                   # tokens per scored row (0 = train.seq_len)
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                        # data-parallel replicas (-1 = all devices left)
   c.mesh.fsdp = 1                         # parameter/optimizer sharding

@@ -88,7 +88,7 @@ def build(config, workdir: str, devices=None) -> Setup:
 
   mesh = sharding.make_mesh(config.mesh, devices, distributed.procs_per_node())
   rules = sharding.rules_of(config)
-  tuning = peft.make(config, model_cfg, task.needs_reference)
+  tuning = peft.make(config, model_cfg, task.needs_reference, tokenizer)
   tx = optim.optimizer(config.optimizer, t.steps)
   init_boxed = functools.partial(step_lib.init_state, init_trainable=tuning.init_trainable, tx=tx,
                                  spike_window=t.spike_window)
@@ -170,5 +170,5 @@ def _restore_or_init(config, workdir, checkpointer, tuning, init, rng, state_sha
         state = state.replace(params=jax.device_put(start, state_sharding.params))
       log(f"initialized from {runs.location(*source)}"
           + (f" (its LoRA delta, on its base {runs.location(*base)})" if base != source else
-             " (frozen base of a LoRA delta)" if config.lora.enabled else ""))
+             f" (frozen base of a {tuning.name})" if tuning.name else ""))
   return state, start_step

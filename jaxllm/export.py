@@ -17,7 +17,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 
-from jaxllm import checkpoint, hf, runs, tasks
+from jaxllm import checkpoint, hf, peft as peft_lib, runs, tasks
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.errors import ConfigError
 
@@ -44,6 +44,7 @@ def to_run(workdir: str, out: str, step: int | None = None) -> str:
   """The run's model (a LoRA run: merged) as a full run directory (config, tokenizer, one checkpoint) that
   init_from, generate and other tools read like any pretraining or SFT run."""
   run_dir, step = _resolve(workdir, step)
+  _refuse_prefix(run_dir, "export")
   params = jax.tree.map(jnp.asarray, runs.load_params(run_dir, step))
   _new_dir(out)
   config = runs.read_config(run_dir)
@@ -93,6 +94,7 @@ def to_hf(workdir: str, out: str, *, step: int | None = None, max_shard_size="5G
   cfg = runs.model_config(run_dir)
   if peft:
     return to_peft(run_dir, step, out)
+  _refuse_prefix(run_dir, "hf export")
   template = _hf_template(run_dir)
   tokenizer_path = os.path.join(run_dir, runs.TOKENIZER)
   if not template and os.path.exists(tokenizer_path):
@@ -110,19 +112,32 @@ def to_hf(workdir: str, out: str, *, step: int | None = None, max_shard_size="5G
 
 
 def to_peft(run_dir: str, step: int, out: str) -> str:
-  """A LoRA run's delta as a PEFT adapter (hf.save_adapter), its base named by the run's init_from."""
-  lc = runs.lora_config(run_dir)
-  if not lc.get("enabled"):
-    raise ValueError(f"--peft: {run_dir} is not a LoRA run (its lora.enabled is false)")
+  """A LoRA run's delta (hf.save_adapter), or a prompt- or prefix-tuned run's prompt or prefix
+  (hf.save_prefix_adapter), as a PEFT adapter, its base named by the run's init_from."""
+  kind = peft_lib.kind(runs.read_config(run_dir))
+  if kind == "full":
+    raise ValueError(f"--peft: {run_dir} is not a LoRA, prompt- or prefix-tuned run (it trained every parameter)")
   base = runs.lora_base(run_dir)[0]  # the run's init_from (its base's, if it continued another's delta)
   if hf.is_hf_dir(base):
     base = os.path.abspath(base)
   else:
     print(f"note: the base {base!r} is a jaxllm run; export it too (python -m jaxllm.hf export --workdir {base} "
           "--out BASE) and set base_model_name_or_path in adapter_config.json to BASE")
-  hf.save_adapter(out, runs.model_config(run_dir), runs.delta(run_dir, step), rank=lc["rank"], alpha=lc["alpha"],
+  cfg = runs.model_config(run_dir)
+  if kind != "lora":
+    hf.save_prefix_adapter(out, cfg, peft_lib.model_entries(runs.saved_params(run_dir, step)), base=base)
+    return out
+  lc = runs.lora_config(run_dir)
+  hf.save_adapter(out, cfg, runs.delta(run_dir, step), rank=lc["rank"], alpha=lc["alpha"],
                   rslora=lc.get("rslora", False), base=base, dropout=lc.get("dropout", 0.0))
   return out
+
+
+def _refuse_prefix(run_dir: str, what: str):
+  kind = peft_lib.kind(runs.read_config(run_dir))
+  if kind in ("prompt", "prefix"):
+    raise ValueError(f"{what}: {run_dir} is {kind}-tuned; its {kind} runs ahead of the tokens and cannot be merged "
+                     f"into the weights: export it as a PEFT adapter (jaxllm hf export --peft)")
 
 
 if __name__ == "__main__":  # python -m jaxllm.export: the `jaxllm export` command of jaxllm/cli.py

@@ -60,8 +60,10 @@ def _generate(cfg, params, prompt_BxP, lengths_B, rng, stop_ids, temperature, to
   pad_B = p - lengths_B
   slots_P = jnp.arange(p)
   segment_ids_BxP = (slots_P >= pad_B[:, None]).astype(jnp.int32)
-  positions_BxP = jnp.maximum(slots_P - pad_B[:, None], 0)
-  cache = model_lib.init_cache(cfg, b, p + max_new_tokens - 1)  # the last new token is never fed back
+  n = model_lib.prefix_length(params)  # a prompt-/prefix-tuned run's prefix: the first n slots, positions from n
+  positions_BxP = jnp.maximum(slots_P - pad_B[:, None], 0) + n
+  cache = model_lib.init_cache(cfg, b, n + p + max_new_tokens - 1)  # the last new token is never fed back
+  cache = model_lib.write_prefix(cfg, params, cache)
   logits_BxPxV, cache = model_lib.forward_with_cache(cfg, params, prompt_BxP, cache, segment_ids_BxP, positions_BxP)
 
   choose = functools.partial(choose_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -79,7 +81,7 @@ def _generate(cfg, params, prompt_BxP, lengths_B, rng, stop_ids, temperature, to
     """Feeds new token i-1 (at each row's position lengths + i-1) and chooses new token i."""
     i, token_B, done_B, new_BxN, cache, rng = carry
     logits_Bx1xV, cache = model_lib.forward_with_cache(cfg, params, token_B[:, None], cache,
-                                                       positions_BxT=(lengths_B + i - 1)[:, None])
+                                                       positions_BxT=(n + lengths_B + i - 1)[:, None])
     rng, key = jax.random.split(rng)
     token_B = choose(logits_Bx1xV[:, 0], key)
     new_BxN = jax.lax.dynamic_update_slice_in_dim(new_BxN, token_B[:, None], i, axis=1)

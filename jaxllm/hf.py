@@ -314,6 +314,33 @@ def save_adapter(out: str, cfg: model_lib.ModelConfig, delta, *, rank: int, alph
   return [e.name for e in entries]
 
 
+def save_prefix_adapter(out: str, cfg: model_lib.ModelConfig, entries: dict, *, base: str = "") -> list[str]:
+  """A prompt ({"prompt": [P, D]}) or prefix ({"prefix": {"k", "v"} [L, P, K, E]}) as a PEFT PROMPT_TUNING or
+  PREFIX_TUNING adapter in the new directory `out`: adapter_model.safetensors holds "prompt_embeddings", the
+  prompt, or the keys and values flattened per virtual token as PEFT reads them ([P, L·2·K·E]: layer, then key
+  or value, then kv head, then head dim), with prefix_projection off (the plain keys and values)."""
+  common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base, "num_virtual_tokens": None,
+            "num_layers": cfg.num_layers, "num_transformer_submodules": 1, "inference_mode": True,
+            "modules_to_save": None}
+  if "prompt" in entries:
+    x = np.asarray(entries["prompt"], np.float32)
+    adapter = dict(common, peft_type="PROMPT_TUNING", token_dim=cfg.d_model, num_attention_heads=cfg.num_heads,
+                   prompt_tuning_init="RANDOM")
+  else:
+    k, v = (np.asarray(entries["prefix"][n], np.float32) for n in "kv")
+    x = np.stack([k, v], axis=1).transpose(2, 0, 1, 3, 4).reshape(k.shape[1], -1)  # [P, L, 2, K, E] flat
+    adapter = dict(common, peft_type="PREFIX_TUNING", token_dim=cfg.num_kv_heads * cfg.head_dim,
+                   num_attention_heads=cfg.num_kv_heads, prefix_projection=False,
+                   encoder_hidden_size=cfg.num_kv_heads * cfg.head_dim)
+  adapter["num_virtual_tokens"] = x.shape[0]
+  os.makedirs(out)
+  st.write(os.path.join(out, "adapter_model.safetensors"),
+           [st.Entry("prompt_embeddings", x.shape, np.float32, lambda: x)], {"format": "pt"})
+  with open(os.path.join(out, "adapter_config.json"), "w") as f:
+    json.dump(adapter, f, indent=2)
+  return ["prompt_embeddings"]
+
+
 if __name__ == "__main__":  # python -m jaxllm.hf: the `jaxllm hf` command of jaxllm/cli.py
   import runpy
   import sys

@@ -11,6 +11,13 @@ Decoding keeps a KVCache: keys and values at num_kv_heads in a fixed number of s
 queries attend to the cache's filled slots and to each other (same segment, causal), then their keys and values
 are written at slot `cache.index` onwards, once, after the last layer (the layers only read the cache, so inside
 a decoding loop the write is in place).
+
+A prefix (prompt tuning, prefix tuning: jaxllm/peft.py) rides in the params tree beside the model's own entries:
+params["prompt"] [P, D], virtual-token embeddings run through the frozen model ahead of every sequence, or
+params["prefix"] {"k", "v"} [L, P, K, E], keys and values read by every layer's attention. Either way each layer
+sees P extra keys and values (a prompt's are those the model computes on it: `split_prefix`), ahead of every
+document of a packed row, and the tokens' RoPE positions start at P, as Hugging Face PEFT runs them. In a KV
+cache the prefix fills the first P slots (`write_prefix`), with segment id PREFIX_SEGMENT, which every token sees.
 """
 
 from __future__ import annotations
@@ -166,6 +173,9 @@ def rope(x_BxTxNxE, positions_BxT, theta: float, scaling: tuple = ()):
   return out.astype(x_BxTxNxE.dtype)
 
 
+PREFIX_SEGMENT = -1  # the segment id of prefix slots in a cache: seen by every token
+
+
 def attention_mask(segment_ids_BxT):
   """Causal, and a token sees only tokens of its own segment (document). [B, 1, 1, T, S] for GQA."""
   t = segment_ids_BxT.shape[1]
@@ -193,9 +203,10 @@ def init_cache(cfg: "ModelConfig", batch: int, max_len: int) -> KVCache:
 
 def cached_attention_mask(segment_ids_BxT, cache: KVCache):
   """attention_mask of T new tokens over the keys [the S cache slots, then the T new tokens]: [B, 1, 1, T, S+T].
-  A cache slot is seen if it is filled (before cache.index) and of the query's segment."""
+  A cache slot is seen if it is filled (before cache.index) and of the query's segment, or a prefix slot."""
   filled_S = jnp.arange(cache.segment_ids_BxS.shape[1]) < cache.index
-  same_BxTxS = segment_ids_BxT[:, :, None] == cache.segment_ids_BxS[:, None, :]
+  same_BxTxS = ((segment_ids_BxT[:, :, None] == cache.segment_ids_BxS[:, None, :])
+                | (cache.segment_ids_BxS[:, None, :] == PREFIX_SEGMENT))
   return jnp.concatenate([(filled_S & same_BxTxS)[:, None, None], attention_mask(segment_ids_BxT)], axis=-1)
 
 
@@ -300,26 +311,34 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Logits [B, T, V]; with a `cache`, (logits, updated cache)."""
+  """Logits [B, T, V]; with a `cache`, (logits, updated cache). `prefix` (no cache): keys and values [L, P, K, E]
+  every token also attends to, its positions then starting at P. `embeddings_BxTxD` replace the token lookup."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, cache: KVCache | None = None):
+  def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, cache: KVCache | None = None,
+               prefix=None, embeddings_BxTxD=None):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    b, t = tokens_BxT.shape
+    b, t = tokens_BxT.shape if embeddings_BxTxD is None else embeddings_BxTxD.shape[:2]
     start = 0 if cache is None else cache.index
     if segment_ids_BxT is None:
-      segment_ids_BxT = jnp.ones_like(tokens_BxT)
+      segment_ids_BxT = jnp.ones((b, t), jnp.int32)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-    if cache is None:
-      mask_Bx1x1xTxS, kv = attention_mask(segment_ids_BxT), None
-    else:
+    if cache is not None:
       mask_Bx1x1xTxS, kv = cached_attention_mask(segment_ids_BxT, cache), (cache.k_LxBxSxKxE, cache.v_LxBxSxKxE)
+    elif prefix is not None:  # as a cache holding only the prefix: every token sees its P slots
+      p = prefix[0].shape[1]
+      positions_BxT = positions_BxT + p
+      seen_Bx1x1xTxP = jnp.ones((b, 1, 1, t, p), bool)
+      mask_Bx1x1xTxS = jnp.concatenate([seen_Bx1x1xTxP, attention_mask(segment_ids_BxT)], axis=-1)
+      kv = tuple(jnp.broadcast_to(x_LxPxKxE[:, None], (c.num_layers, b, *x_LxPxKxE.shape[1:])) for x_LxPxKxE in prefix)
+    else:
+      mask_Bx1x1xTxS, kv = attention_mask(segment_ids_BxT), None
 
     embed = nn.Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=jnp.float32, name="embed",
                      embedding_init=_param(_dense_init(c.d_model), ("vocab", "embed")))
-    x_BxTxD = embed(tokens_BxT)
+    x_BxTxD = embed(tokens_BxT) if embeddings_BxTxD is None else embeddings_BxTxD.astype(dt)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
 
     policy = REMAT_POLICIES[c.remat_policy]
@@ -391,16 +410,56 @@ def logical_axes(cfg: ModelConfig):
 
 
 def forward(cfg: ModelConfig, params: Params, tokens_BxT, segment_ids_BxT=None, positions_BxT=None):
-  """Float32 logits [B, T, V]. Packed rows pass segment ids (0 = padding) and per-document positions."""
-  return Transformer(cfg).apply({"params": params}, tokens_BxT, segment_ids_BxT, positions_BxT)
+  """Float32 logits [B, T, V]. Packed rows pass segment ids (0 = padding) and per-document positions. With a
+  prompt or prefix in `params`, every document sees it, and positions start at its length P."""
+  params, prefix = split_prefix(cfg, params)
+  return Transformer(cfg).apply({"params": params}, tokens_BxT, segment_ids_BxT, positions_BxT, prefix=prefix)
 
 
 def forward_with_cache(cfg: ModelConfig, params: Params, tokens_BxT, cache: KVCache, segment_ids_BxT=None,
                        positions_BxT=None):
   """(float32 logits [B, T, V], cache with the T tokens added at slots cache.index..). A prompt (prefill) or one
   new token per row (a decode step). Positions default to the slots: pass each row's true positions when rows are
-  padded differently. Tokens of segment 0 (padding) are never seen by tokens of other segments."""
+  padded differently. Tokens of segment 0 (padding) are never seen by tokens of other segments. A prompt or
+  prefix in `params` is ignored here: `write_prefix` puts it in the cache first."""
+  params = {k: v for k, v in params.items() if k not in PREFIX_KEYS}
   return Transformer(cfg).apply({"params": params}, tokens_BxT, segment_ids_BxT, positions_BxT, cache)
+
+
+PREFIX_KEYS = ("prompt", "prefix")
+
+
+def split_prefix(cfg: ModelConfig, params: Params):
+  """(the model's own params, the prefix's keys and values ([L, P, K, E] each), or None without one). A prompt's
+  keys and values are those the model computes on its virtual tokens at positions 0..P-1, which see only each
+  other: a prefix that every document of a row can share, exactly as if each were preceded by the prompt."""
+  if not any(k in params for k in PREFIX_KEYS):
+    return params, None
+  own = {k: v for k, v in params.items() if k not in PREFIX_KEYS}
+  if "prefix" in params:
+    return own, (params["prefix"]["k"], params["prefix"]["v"])
+  prompt_PxD = params["prompt"]
+  cache = init_cache(cfg, 1, prompt_PxD.shape[0])
+  _, cache = Transformer(cfg).apply({"params": own}, None, cache=cache, embeddings_BxTxD=prompt_PxD[None])
+  return own, (cache.k_LxBxSxKxE[:, 0], cache.v_LxBxSxKxE[:, 0])
+
+
+def prefix_length(params: Params) -> int:
+  """P, the slots a prompt or prefix in `params` takes (0 without one)."""
+  if "prefix" in params:
+    return params["prefix"]["k"].shape[1]
+  return params["prompt"].shape[0] if "prompt" in params else 0
+
+
+def write_prefix(cfg: ModelConfig, params: Params, cache: KVCache) -> KVCache:
+  """The cache with the prompt's or prefix's keys and values in slots 0..P-1 (segment PREFIX_SEGMENT, seen by
+  every row), its index at P; unchanged without one."""
+  _, prefix = split_prefix(cfg, params)
+  if prefix is None:
+    return cache
+  b, p = cache.segment_ids_BxS.shape[0], prefix[0].shape[1]
+  k, v = (jnp.broadcast_to(x_LxPxKxE[:, None], (cfg.num_layers, b, *x_LxPxKxE.shape[1:])) for x_LxPxKxE in prefix)
+  return _write(cache, k, v, jnp.full((b, p), PREFIX_SEGMENT, jnp.int32))
 
 
 def num_params(cfg: ModelConfig) -> int:

@@ -19,8 +19,9 @@ import os
 import time
 
 import jax
+import numpy as np
 
-from jaxllm import checkpoint, hf, lora, model as model_lib
+from jaxllm import checkpoint, hf, lora, model as model_lib, peft
 from jaxllm.config import model_overrides, resolve_model
 from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
 from jaxllm.errors import ConfigError, RunError
@@ -185,8 +186,8 @@ def lora_config(run_dir: str) -> dict:
 
 
 def lora_base(run_dir: str) -> tuple[str, int]:
-  """(run directory, step) of the params a LoRA run's delta applies to: its init_from, or, when it continued
-  the delta of another LoRA run (lora.continue_delta), that run's base, recursively."""
+  """(run directory, step) of the params a LoRA run's delta (or a prompt / prefix) applies to: its init_from,
+  or, when it continued the delta of another LoRA run (lora.continue_delta), that run's base, recursively."""
   config = read_config(run_dir)
   source = resolve(config["init_from"])
   return lora_base(source[0]) if config.get("lora", {}).get("continue_delta") else source
@@ -223,9 +224,14 @@ def load_params(run_dir: str, step: int):
   Face directory's params are read from its safetensors."""
   if hf.is_hf_dir(run_dir):
     return hf.load(run_dir)[1]
-  if not lora_config(run_dir).get("enabled"):
+  kind = peft.kind(read_config(run_dir))
+  if kind == "full":
     return saved_params(run_dir, step)
-  return lora.merge(load_params(*lora_base(run_dir)), delta(run_dir, step))
+  if kind == "lora":
+    return lora.merge(load_params(*lora_base(run_dir)), delta(run_dir, step))
+  # a prompt or prefix beside its base's params (model.split_prefix): plain keys and values after a prefix MLP
+  entries = jax.tree.map(np.asarray, peft.model_entries(saved_params(run_dir, step)))
+  return dict(load_params(*lora_base(run_dir)), **entries)
 
 
 def load_run(workdir: str, step: int | None = None):
@@ -238,9 +244,11 @@ def load_run(workdir: str, step: int | None = None):
   if step is None:
     raise FileNotFoundError(f"{workdir}/{CHECKPOINTS}: no checkpoint saved")
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  lc = lora_config(workdir)
-  if not lc.get("enabled"):
+  lc, kind = lora_config(workdir), peft.kind(read_config(workdir))
+  if kind == "full":
     return cfg, checkpoint.restore_params_to(directory, step, model_lib.abstract_params(cfg), device), tokenizer
+  if kind != "lora":  # a prompt or prefix (small) beside its base
+    return cfg, jax.device_put(load_params(workdir, step), device), tokenizer
   abstract = jax.eval_shape(lambda: lora.init(model_lib.abstract_params(cfg), rank=lc["rank"], alpha=lc["alpha"],
                                               targets=lc["targets"], rng=jax.random.key(0), rslora=lc["rslora"]))
   params = lora.merge(load_params(*lora_base(workdir)), checkpoint.restore_params_to(directory, step, abstract, device))

@@ -32,6 +32,7 @@ RULES = (
     ("mlp", "tensor"),
     ("layers", None),
     ("lora_rank", None),  # the rank dim of LoRA's A and B: small, replicated
+    ("prefix", None),  # the virtual tokens of prompt / prefix tuning (and their MLP's width): replicated
 )
 
 

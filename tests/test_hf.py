@@ -400,7 +400,7 @@ def test_lora_from_a_hugging_face_directory_then_export(tmp_path, corpus_dir, to
   adapter = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
   assert adapter["base_model_name_or_path"] == str(d) and adapter["r"] == config.lora.rank
   imported = export.import_hf(str(d), str(tmp_path / "imported"))
-  with pytest.raises(ValueError, match="not a LoRA run"):
+  with pytest.raises(ValueError, match="not a LoRA, prompt- or prefix-tuned run"):
     export.to_peft(imported, 0, str(tmp_path / "x"))
 
 
@@ -466,4 +466,49 @@ def test_peft_loads_the_adapter_onto_transformers(tmp_path):
     got = adapted(torch.tensor(TOKENS)).logits.numpy()
   diff = float(np.abs(got - want).max())
   print(f"PEFT adapter: max |logits - jaxllm merged| = {diff:.2e}")
+  assert diff < 1e-4
+
+
+def _prefix_entries(cfg, kind):
+  rng = np.random.default_rng(3)
+  if kind == "prompt":
+    return {"prompt": rng.normal(size=(5, cfg.d_model)).astype(np.float32) * 0.5}
+  shape = (cfg.num_layers, 5, cfg.num_kv_heads, cfg.head_dim)
+  return {"prefix": {"k": rng.normal(size=shape).astype(np.float32), "v": rng.normal(size=shape).astype(np.float32)}}
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_prompt_and_prefix_adapter_layout(tmp_path, kind):
+  """PEFT's names and shapes (as peft 0.21's save_pretrained writes them): prompt_embeddings [P, D], or [P, L·2·K·E]
+  with token_dim K·E and num_attention_heads K for a GQA prefix."""
+  cfg = tiny()
+  hf.save_prefix_adapter(str(tmp_path / "a"), cfg, _prefix_entries(cfg, kind), base="BASE")
+  adapter = json.load(open(tmp_path / "a" / "adapter_config.json"))
+  reader = st.Reader([str(tmp_path / "a" / "adapter_model.safetensors")])
+  tensors = {name: reader.get(name) for name in reader.keys()}
+  assert adapter["peft_type"] == {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}[kind]
+  assert adapter["num_virtual_tokens"] == 5 and adapter["base_model_name_or_path"] == "BASE"
+  width = cfg.d_model if kind == "prompt" else cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
+  assert tensors["prompt_embeddings"].shape == (5, width)
+  if kind == "prefix":
+    assert (adapter["token_dim"], adapter["num_attention_heads"]) == (cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads)
+    want = _prefix_entries(cfg, kind)["prefix"]["v"][1, 2, 1]  # layer 1, virtual token 2, kv head 1
+    row = tensors["prompt_embeddings"][2].reshape(cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
+    np.testing.assert_array_equal(row[1, 1, 1], want)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_peft_loads_prompt_and_prefix_adapters_onto_transformers(tmp_path, kind):
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  m, _ = reference_model("llama", str(tmp_path / "ref"))
+  cfg, params = hf.load(str(tmp_path / "ref"))
+  entries = _prefix_entries(cfg, kind)
+  hf.save_prefix_adapter(str(tmp_path / "adapter"), cfg, entries, base=str(tmp_path / "ref"))
+  want = np.asarray(model.forward(cfg, dict(params, **entries), TOKENS))
+  adapted = peft.PeftModel.from_pretrained(m, str(tmp_path / "adapter")).eval()
+  with torch.no_grad():
+    got = adapted(input_ids=torch.tensor(TOKENS)).logits.numpy()[:, -TOKENS.shape[1]:]
+  diff = float(np.abs(got - want).max())
+  print(f"PEFT {kind} tuning: max |logits - jaxllm| = {diff:.2e}")
   assert diff < 1e-4

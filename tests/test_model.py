@@ -40,7 +40,8 @@ def _np_rmsnorm(x, scale, eps):
   return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
-def _np_forward(cfg, p, tokens_T, segments_T, positions_T):
+def _np_forward(cfg, p, tokens_T, segments_T, positions_T, prefix=None):
+  """Logits [T, V]. `prefix`: keys and values ([L, P, K, E] each) every token also attends to, used as given."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
   x = p["embed"]["embedding"][tokens_T]
   t = len(tokens_T)
@@ -54,8 +55,12 @@ def _np_forward(cfg, p, tokens_T, segments_T, positions_T):
       q = _np_rope(h @ lp["attn"]["q"]["kernel"][:, head], positions_T, cfg.rope_theta)
       k = _np_rope(h @ lp["attn"]["k"]["kernel"][:, kv], positions_T, cfg.rope_theta)
       v = h @ lp["attn"]["v"]["kernel"][:, kv]
+      if prefix is not None:  # the prefix's keys and values first, seen by every token
+        k = np.concatenate([np.asarray(prefix[0][layer][:, kv], np.float64), k])
+        v = np.concatenate([np.asarray(prefix[1][layer][:, kv], np.float64), v])
+      n = 0 if prefix is None else prefix[0].shape[1]
       for i in range(t):
-        allowed = [j for j in range(i + 1) if segments_T[j] == segments_T[i]]
+        allowed = list(range(n)) + [n + j for j in range(i + 1) if segments_T[j] == segments_T[i]]
         s = np.array([q[i] @ k[j] for j in allowed]) / np.sqrt(cfg.head_dim)
         w = np.exp(s - s.max())
         out[i, head] = (w / w.sum()) @ v[allowed]
