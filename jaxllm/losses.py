@@ -79,6 +79,13 @@ def _orpo(chosen_B, rejected_B, *, beta, label_smoothing, gamma):
   return -chosen_B - beta * jax.nn.log_sigmoid(log_odds(chosen_B) - log_odds(rejected_B))
 
 
+def _kto(logratio_B, desirable_B, z0, *, beta, desirable_weight, undesirable_weight):
+  """KTO (Ethayarajh et al. 2024, eq. 7; TRL's KTOTrainer): λ_D·(1 − σ(β(r − z0))) for a desirable answer,
+  λ_U·(1 − σ(β(z0 − r))) for an undesirable one; r the answer's log-ratio, z0 the reference point."""
+  h_B = beta * (logratio_B - z0)
+  return jnp.where(desirable_B, desirable_weight * jax.nn.sigmoid(-h_B), undesirable_weight * jax.nn.sigmoid(h_B))
+
+
 @dataclasses.dataclass(frozen=True)
 class PreferenceLoss:
   """One kind of preference loss: the per-pair loss of the chosen and rejected answers' scores (log-ratios to the
@@ -88,6 +95,7 @@ class PreferenceLoss:
   length_normalised: bool   # log-probs averaged over answer tokens (else summed)
   label_smoothing: bool = True  # has a label-smoothed form
   margin: bool = False      # takes a target margin γ
+  paired: bool = True       # (chosen, rejected) pairs; False: unpaired labelled examples (kto: its fn is _kto)
 
 
 # The kinds `dpo.kind` chooses from. A new kind is one entry here, its formula above, and a test.
@@ -96,6 +104,7 @@ PREFERENCE_LOSSES = {
     "ipo": PreferenceLoss(_ipo, needs_reference=True, length_normalised=False, label_smoothing=False),
     "simpo": PreferenceLoss(_sigmoid, needs_reference=False, length_normalised=True, margin=True),
     "orpo": PreferenceLoss(_orpo, needs_reference=False, length_normalised=True, label_smoothing=False),
+    "kto": PreferenceLoss(_kto, needs_reference=True, length_normalised=False, label_smoothing=False, paired=False),
 }
 DPO_KINDS = tuple(PREFERENCE_LOSSES)
 
@@ -119,6 +128,8 @@ def dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
   if kind not in PREFERENCE_LOSSES:
     raise ValueError(f"dpo kind must be one of {DPO_KINDS}, got {kind!r}")
   spec = PREFERENCE_LOSSES[kind]
+  if not spec.paired:
+    raise ValueError(f"dpo kind {kind!r} is unpaired (one labelled answer per example): use kto_loss_sum")
   if isinstance(beta, (int, float)) and beta <= 0:
     raise ValueError(f"dpo beta must be > 0, got {beta}")
   if not 0.0 <= label_smoothing <= 0.5:
@@ -180,3 +191,56 @@ def kl_estimate(policy_chosen_logps, ref_chosen_logps):
   rewards/chosen / β for sigmoid and ipo) and can be negative.
   """
   return jnp.mean(jnp.asarray(policy_chosen_logps, jnp.float32) - jnp.asarray(ref_chosen_logps, jnp.float32))
+
+
+# ------------------------------------------------------------------------------------------------ KTO
+# B here is the number of unpaired examples: one answer each, labelled desirable or undesirable.
+
+
+def kto_losses(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, desirable, *, beta,
+               desirable_weight=1.0, undesirable_weight=1.0):
+  """Per-example KTO losses (Ethayarajh et al. 2024, eq. 7, as TRL's KTOTrainer): (loss_B, rewards_B, z0).
+
+  r = log π(y|x) − log π_ref(y|x) of each example's answer (`*_logps`, summed over its tokens). The reference
+  point z0 = max(0, mean over the B examples of log π(y'|x) − log π_ref(y'|x)), `*_kl_logps`: the same prompts with
+  mismatched answers y' (another example's), an estimate of KL(π‖π_ref); it is a batch statistic and carries no
+  gradient. A desirable example (`desirable` true) loses λ_D·(1 − σ(β(r − z0))), an undesirable one
+  λ_U·(1 − σ(β(z0 − r))). Rewards are β·r. Under gradient accumulation the caller passes one micro-batch, so z0 is
+  that micro-batch's (TRL estimates it per device batch and averages over the devices).
+  """
+  if isinstance(beta, (int, float)) and beta <= 0:
+    raise ValueError(f"kto beta must be > 0, got {beta}")
+  for name, w in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+    if isinstance(w, (int, float)) and w <= 0:
+      raise ValueError(f"kto {name} must be > 0, got {w}")
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  logratio_B = f32(policy_logps) - f32(ref_logps)
+  kl = jnp.mean(f32(policy_kl_logps) - f32(ref_kl_logps))
+  z0 = jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
+  desirable_B = jnp.asarray(desirable) > 0
+  loss_B = _kto(logratio_B, desirable_B, z0, beta=beta, desirable_weight=desirable_weight,
+                undesirable_weight=undesirable_weight)
+  return loss_B, beta * logratio_B, z0
+
+
+def kto_loss_sum(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, desirable, *, beta,
+                 desirable_weight=1.0, undesirable_weight=1.0):
+  """(Σ loss, number of examples, {metric: Σ}): the sum form of KTO, so that Σ / number is the paper's mean over
+  examples (TRL's too: the λ weight the losses, not the denominator).
+
+  Metrics, per example like the loss: kl (z0), and, as TRL logs them, the means over this batch's desirable
+  (undesirable) examples of the reward β·r and of log π(y|x): rewards/desirable, rewards/undesirable (0 for a
+  batch without such examples), rewards/margin (their difference), logps/desirable, logps/undesirable. The batch
+  statistics enter the sums as B × the statistic, so Σ / number averages them over micro-batches.
+  """
+  loss_B, rewards_B, z0 = kto_losses(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, desirable, beta=beta,
+                                     desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+  count = jnp.float32(loss_B.shape[0])
+  d_B = (jnp.asarray(desirable) > 0).astype(jnp.float32)
+  mean_over = lambda x_B, w_B: jnp.sum(x_B * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
+  logps_B = jnp.asarray(policy_logps, jnp.float32)
+  desirable_reward, undesirable_reward = mean_over(rewards_B, d_B), mean_over(rewards_B, 1.0 - d_B)
+  stats = {"kl": z0, "rewards/desirable": desirable_reward, "rewards/undesirable": undesirable_reward,
+           "rewards/margin": desirable_reward - undesirable_reward, "logps/desirable": mean_over(logps_B, d_B),
+           "logps/undesirable": mean_over(logps_B, 1.0 - d_B)}
+  return jnp.sum(loss_B), count, {k: count * v for k, v in stats.items()}

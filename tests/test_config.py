@@ -132,7 +132,7 @@ def test_schedules_match_their_definitions():
     ({"dpo.gamma": 0.5}, r"dpo\.gamma: is SimPO's target margin; dpo\.kind=sigmoid has none"),
     ({"dpo.kind": "ipo", "dpo.label_smoothing": 0.1}, r"dpo\.label_smoothing: dpo\.kind=ipo has no label-smoothed"),
     ({"dpo.rpo_alpha": -1.0}, r"dpo\.rpo_alpha: must be >= 0"),
-    ({"dpo.kind": "kto"}, r"dpo\.kind: 'kto' is not one of"),
+    ({"dpo.kind": "nope"}, r"dpo\.kind: 'nope' is not one of"),
 ])
 def test_preference_options_are_checked_before_any_data(tmp_path, overrides, message):
   from configs import dpo

@@ -145,7 +145,7 @@ def test_dpo_and_lora_config_errors(corpus_dir, pref_jsonl, pretrained):
   with pytest.raises(config_lib.ConfigError, match="init_from"):
     config_lib.validate(c, num_devices=1)
   c = dpo_config(corpus_dir, pref_jsonl, pretrained, use_lora=True)
-  c.dpo.kind = "kto"
+  c.dpo.kind = "nope"
   with pytest.raises(config_lib.ConfigError, match="dpo.kind"):
     config_lib.validate(c, num_devices=1)
   c = dpo_config(corpus_dir, pref_jsonl, pretrained, use_lora=True)

@@ -288,3 +288,110 @@ def test_iterator_state_restores_the_stream(tokenizer, splits, k):
   counts = pipeline.counters(it.get_state())
   assert pipeline.counters(fresh.get_state()) == counts
   assert counts["examples"] == 4 * (k + 6) and counts["truncated"] > 0
+
+
+# --- KTO examples (dpo.kind=kto) -------------------------------------------------------------------
+
+
+def kto_batch(tokenizer, examples, seq_len, batch_size=None, **kwargs):
+  """The first batch of `examples` in order (all of them unless batch_size is given), and the counts in the
+  iterator's state after it."""
+  it = iter(preference.kto_dataset(examples, tokenizer, seq_len=seq_len, batch_size=batch_size or len(examples),
+                                   seed=0, shuffle=False, repeat=False, **kwargs))
+  batch = next(it)
+  return batch, pipeline.counters(it.get_state())
+
+
+def previous_other_prompt(prompts, i):
+  """By hand: the nearest example before i, cyclically, whose prompt differs."""
+  for back in range(1, len(prompts)):
+    if prompts[(i - back) % len(prompts)] != prompts[i]:
+      return (i - back) % len(prompts)
+  return (i - 1) % len(prompts)
+
+
+def test_kto_jsonl_examples_and_their_kl_completions(tmp_path):
+  records = [{"prompt": f"question {i // 2} 今天", "completion": f"answer {i}", "label": i % 3 == 0} for i in range(20)]
+  records += [{"prompt": [{"role": "system", "content": "sys"}, {"role": "user", "content": f"u{i}"}],
+               "completion": [{"role": "assistant", "content": f"c{i}"}], "label": False, "extra": 1}
+              for i in range(4)]
+  path = write(tmp_path / "kto.jsonl", [json.dumps(r, ensure_ascii=False) for r in records[:10]] + [""]
+               + [json.dumps(r, ensure_ascii=False) for r in records[10:]])
+  examples = preference.kto_examples(path, "train", validation_fraction=0.0)
+  assert len(examples) == len(records) and "no validation" in examples.split_info
+  prompts = [json.dumps(r["prompt"]) for r in records]  # consecutive records share prompts: skipped over
+  for i, r in enumerate(records):
+    ex = examples[i]
+    messages = [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]
+    completion = r["completion"] if isinstance(r["completion"], str) else r["completion"][0]["content"]
+    j = previous_other_prompt(prompts, i)
+    partner = records[j]["completion"]
+    assert ex == {"prompt": messages, "completion": completion, "label": r["label"],
+                  "kl_completion": partner if isinstance(partner, str) else partner[0]["content"]}, i
+    assert prompts[j] != prompts[i]
+  np.testing.assert_array_equal(preference.kl_partners(["a", "a", "b", "a"]), [2, 2, 1, 2])
+  np.testing.assert_array_equal(preference.kl_partners(["a", "a", "a"]), [2, 0, 1])  # one prompt: the previous
+  splits = {s: preference.kto_examples(path, s, validation_fraction=0.3) for s in ("train", "validation")}
+  got = sorted(json.dumps(s[i]["completion"]) for s in splits.values() for i in range(len(s)))
+  assert got == sorted(json.dumps(examples[i]["completion"]) for i in range(len(examples)))
+  assert 0 < len(splits["validation"]) < len(records)
+
+
+def test_kto_examples_from_pairs(tmp_path, splits):
+  """Chatterbot pairs (and JSONL pairs) as KTO examples: every chosen answer desirable, then every rejected one
+  undesirable, each with a mismatched KL completion."""
+  pairs = splits["train"]
+  examples = preference.kto_examples("chatterbot", "train")
+  n = len(pairs)
+  assert len(examples) == 2 * n and "desirable and an undesirable" in examples.split_info
+  for i in (0, 1, n - 1):
+    for k, side, label in ((i, "chosen", True), (n + i, "rejected", False)):
+      ex = examples[k]
+      assert (ex["prompt"], ex["completion"], ex["label"]) == (pairs[i]["prompt"], pairs[i][side], label)
+  prompts = [json.dumps(p["prompt"]) for p in pairs] * 2
+  assert all(prompts[j] != prompts[i] for i, j in enumerate(examples.partners))
+  path = write(tmp_path / "pairs.jsonl", [json.dumps({"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"})
+                                          for i in range(3)])
+  from_file = preference.kto_examples(path, "train", validation_fraction=0.0)
+  assert [(e["completion"], e["label"], e["kl_completion"]) for e in from_file] == [
+      ("c0", True, "r2"), ("c1", True, "c0"), ("c2", True, "c1"), ("r0", False, "c2"), ("r1", False, "r0"),
+      ("r2", False, "r1")]
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "a", "completion": "b", "label": true}\n{"prompt": "a", "completion": "b"}', ":2: no 'label' field"),
+    ('\n{"prompt": "a", "label": true}', ":2: no 'completion' field"),
+    ('{"prompt": "a", "completion": "b", "label": "yes"}', ":1: 'label' must be true .* or false .*, got 'yes'"),
+    ('{"prompt": "a", "completion": "b", "label": 1}', ":1: 'label' must be true .* or false .*, got 1"),
+    ('{"prompt": "a", "completion": null, "label": false}', ":1: 'completion' must be a string"),
+    ('{"prompt": 3, "completion": "b", "label": false}', ":1: 'prompt' must be a string or a list"),
+    ('{"prompt": "a", "completion": "b", "label": true}\n[1]', ":2: not a JSON object"),
+    ('{"prompt": "a", "completion": "b", "label": true}\n{oops', ":2: invalid JSON"),
+])
+def test_kto_jsonl_errors_name_file_and_line(tmp_path, content, message):
+  path = tmp_path / "kto.jsonl"
+  path.write_text(content, encoding="utf-8")
+  with pytest.raises(sources.DataError, match=f"kto.jsonl{message}"):
+    preference.kto_examples(str(path), "train", validation_fraction=0.0)
+
+
+def test_kto_rows_token_by_token(tokenizer):
+  """Each row: the example's own sequence and its prompt with the KL completion, each fitted on its own (a long KL
+  completion truncates only the "kl" sequence and never drops the example), and the label."""
+  prompt = [{"role": "user", "content": "Hello, how are you?"}]
+  good = {"prompt": prompt, "completion": "I am fine.", "label": True, "kl_completion": "Go away."}
+  long_kl = {"prompt": prompt, "completion": "No.", "label": False, "kl_completion": "Once upon a time " * 20}
+  long_own = {"prompt": prompt, "completion": "Once upon a time " * 20, "label": True, "kl_completion": "No."}
+  seq_len = 40
+  batch, counts = kto_batch(tokenizer, [good, long_kl, long_own], seq_len)
+  assert batch["label"].tolist() == [1.0, 0.0, 1.0] and batch["example_index"].tolist() == [0, 1, 2]
+  assert (counts["examples"], counts["truncated"], counts["dropped"]) == (3, 1, 0)  # long_own's own sequence
+  got = {side: rows(batch, side, seq_len) for side in ("completion", "kl")}
+  for r, ex in enumerate([good, long_kl]):
+    for side, answer in (("completion", ex["completion"]), ("kl", ex["kl_completion"])):
+      ids, mask = expected_render(tokenizer, prompt + [{"role": "assistant", "content": answer}])
+      if len(ids) > seq_len + 1:  # the long KL completion: the prompt is whole, the answer cut on the right
+        ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+      assert got[side][r] == (tuple(ids[:-1]), tuple(ids[1:]), tuple(mask[1:])), (r, side)
+  batch, counts = kto_batch(tokenizer, [good, long_kl, long_own], seq_len, batch_size=2, overlong="drop")
+  assert batch["example_index"].tolist() == [0, 1] and counts["dropped_too_long"] == 1

@@ -1,11 +1,13 @@
 """Preference tuning (the DPO family) on (prompt, chosen, rejected) pairs: the loss of `dpo.kind` from
-losses.PREFERENCE_LOSSES on the answers' log-probs, chosen and rejected rows in one forward pass.
+losses.PREFERENCE_LOSSES on the answers' log-probs, chosen and rejected rows in one forward pass. dpo.kind=kto
+trains on unpaired labelled examples instead (`KTO`, which Preference(config) then is).
 
 The reference is the run init_from names, frozen (frozen["reference"]; with LoRA, the base without the delta).
-With dpo.cache_reference the reference's log-probs are computed once over the training pairs and cached in
-WORKDIR/reference_logps-<key>.npz, keyed by everything that determines them (the reference checkpoint, tokenizer,
-data, sequence length, kind), so a resumed run reuses them and a changed run recomputes them; the train step then
-runs no reference forward pass (validation still computes the reference's log-probs on the fly).
+With dpo.cache_reference the reference's log-probs are computed once over the training pairs (KTO: examples, both
+their sequences) and cached in WORKDIR/reference_logps-<key>.npz, keyed by everything that determines them (the
+reference checkpoint, tokenizer, data, sequence length, kind), so a resumed run reuses them and a changed run
+recomputes them; the train step then runs no reference forward pass (validation still computes the reference's
+log-probs on the fly).
 """
 
 from __future__ import annotations
@@ -25,15 +27,20 @@ from jaxllm.tasks.base import Task, check
 from jaxllm.tasks.lm import logits
 
 
+def side_logps(model_cfg: model_lib.ModelConfig, params, batch, *, sides, normalised: bool = False):
+  """One [B] answer log-prob per side of a batch (the `{side}_` rows), all sides in one forward pass; summed over
+  answer tokens, or averaged with `normalised`."""
+  rows = {k: jnp.concatenate([batch[f"{side}_{k}"] for side in sides]) for k in preference.FEATURES}
+  per_seq = losses.mean_sequence_logprobs if normalised else losses.sequence_logprobs
+  out_SB = per_seq(logits(model_cfg, params, rows), rows["targets"], rows["loss_mask"])
+  return tuple(jnp.split(out_SB, len(sides)))
+
+
 def pair_logps(model_cfg: model_lib.ModelConfig, kind: str, params, batch):
   """([B] chosen, [B] rejected) answer log-probs of a preference batch, both sides in one forward pass; summed
   over answer tokens, or averaged for a length-normalised kind."""
-  both = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]]) for k in preference.FEATURES}
-  normalised = losses.PREFERENCE_LOSSES[kind].length_normalised
-  per_seq = losses.mean_sequence_logprobs if normalised else losses.sequence_logprobs
-  out_2B = per_seq(logits(model_cfg, params, both), both["targets"], both["loss_mask"])
-  b = batch["chosen_inputs"].shape[0]
-  return out_2B[:b], out_2B[b:]
+  return side_logps(model_cfg, params, batch, sides=preference.SIDES,
+                    normalised=losses.PREFERENCE_LOSSES[kind].length_normalised)
 
 
 class Preference(Task):
@@ -42,12 +49,21 @@ class Preference(Task):
   counts_examples = True
   sequences_per_row = 2  # chosen + rejected
   host_only = ("pair_index", "margin")  # batch fields the step does not read
+  sides = preference.SIDES  # the sequences of a row, each with a reference log-prob
+  index_key = "pair_index"  # the row's place in the source: its entry in the reference cache
+  unit = "pairs"
+
+  def __new__(cls, config=None):
+    """dpo.kind=kto reads unpaired examples: Preference(config) is then a KTO."""
+    if cls is Preference and config is not None and config.dpo.get("kind") == "kto":
+      cls = KTO
+    return super().__new__(cls)
 
   def __init__(self, config):
     super().__init__(config)
     self.kind = losses.PREFERENCE_LOSSES[config.dpo.kind]
     self.needs_reference = self.kind.needs_reference
-    self.cached = None  # (chosen, rejected) reference log-probs of every training pair (dpo.cache_reference)
+    self.cached = None  # reference log-probs of each side of every training record (dpo.cache_reference)
 
   @staticmethod
   def validate(config):
@@ -63,6 +79,12 @@ class Preference(Task):
     check(not d.gamma or kind.margin, "dpo.gamma", f"is SimPO's target margin; dpo.kind={d.kind} has none")
     check(not d.cache_reference or kind.needs_reference, "dpo.cache_reference",
           f"dpo.kind={d.kind} uses no reference, so there is nothing to cache")
+    weights = {key: d.get(key, 1.0) for key in ("kto_desirable_weight", "kto_undesirable_weight")}
+    for key, w in weights.items():
+      check(w > 0, f"dpo.{key}", f"must be > 0, got {w}")
+      check(w == 1.0 or d.kind == "kto", f"dpo.{key}", f"weighs KTO's losses; dpo.kind={d.kind} has none")
+    check(not d.rpo_alpha or kind.paired, "dpo.rpo_alpha",
+          f"RPO adds the chosen answer's NLL to a pair's loss; dpo.kind={d.kind} has no pairs")
     check(config.data.get("overlong") in sft.OVERLONG_POLICIES, "data.overlong",
           f"{config.data.get('overlong')!r} is not one of {sft.OVERLONG_POLICIES}")
 
@@ -82,13 +104,19 @@ class Preference(Task):
     return preference.preference_dataset(source, tokenizer, overlong=self.config.data.overlong, **common)
 
   def device_batch(self, batch, *, train=True):
-    """Drops the fields the step does not read (the pairs' index); with the cache, adds the reference log-probs of a training batch's pairs (the
-    cache covers the training pairs; validation computes the reference's log-probs on the fly)."""
+    """Drops the fields the step does not read (the rows' index); with the cache, adds the reference log-probs of
+    a training batch's rows, ref_{side}_logps (the cache covers the training records; validation computes the
+    reference's log-probs on the fly)."""
     out = {k: v for k, v in batch.items() if k not in self.host_only}
     if train and self.cached is not None:
-      index = batch["pair_index"]
-      out.update(ref_chosen_logps=self.cached[0][index], ref_rejected_logps=self.cached[1][index])
+      index = batch[self.index_key]
+      out.update({f"ref_{side}_logps": cached[index] for side, cached in zip(self.sides, self.cached)})
     return out
+
+  def example(self, record, tokenizer):
+    """One record's row, as the pipeline makes it (for the reference cache)."""
+    return preference.make_pair_example(record, tokenizer, seq_len=self.config.train.seq_len,
+                                        overlong=self.config.data.overlong)
 
   # ---- loss
 
@@ -124,22 +152,23 @@ class Preference(Task):
     if self.config.dpo.cache_reference:
       path, computed = self.cache_reference(model_cfg, reference_params(), train_source, tokenizer, workdir,
                                             reference_fingerprint)
-      log(f"reference log-probs of {len(train_source)} pairs {'computed into' if computed else 'read from'} {path}")
+      log(f"reference log-probs of {len(train_source)} {self.unit} {'computed into' if computed else 'read from'} "
+          f"{path}")
 
   def cache_reference(self, model_cfg, reference_params, pairs, tokenizer, workdir: str, reference_fingerprint: str):
-    """Reads (or computes and writes) the reference log-probs of every training pair; the train batches carry
-    them from then on. `reference_params` are the reference's params. Returns (path, computed)."""
+    """Reads (or computes and writes) the reference log-probs of every training record (pair, or KTO example); the
+    train batches carry them from then on. `reference_params` are the reference's params. Returns (path, computed)."""
     if jax.process_count() > 1:
       raise ValueError("dpo.cache_reference: supported in single-process runs only")
     key = self._cache_key(tokenizer.sha256, reference_fingerprint, len(pairs))
     path = os.path.join(workdir, f"reference_logps-{key}.npz")
     computed = not os.path.exists(path)
     if computed:
-      chosen, rejected = self.reference_logps(model_cfg, reference_params, pairs, tokenizer)
-      np.savez(path + ".tmp.npz", chosen=chosen, rejected=rejected)
+      values = self.reference_logps(model_cfg, reference_params, pairs, tokenizer)
+      np.savez(path + ".tmp.npz", **dict(zip(self.sides, values)))
       os.replace(path + ".tmp.npz", path)
     with np.load(path) as f:
-      self.cached = f["chosen"], f["rejected"]
+      self.cached = tuple(f[side] for side in self.sides)
     return path, computed
 
   def _cache_key(self, tokenizer_sha256: str, reference_fingerprint: str, num_pairs: int) -> str:
@@ -148,22 +177,75 @@ class Preference(Task):
              d.overlong, c.train.seq_len, c.dpo.kind, c.lora.quantize_base, num_pairs]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
-  def reference_logps(self, model_cfg, reference_params, pairs, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """[N] reference log-probs of the chosen and the rejected answer of every pair, in the order of `pairs`
-    (0 for pairs the pipeline drops)."""
+  def reference_logps(self, model_cfg, reference_params, pairs, tokenizer) -> tuple[np.ndarray, ...]:
+    """[N] reference log-probs of each side's answer (chosen and rejected; for KTO completion and kl) of every
+    record, in the order of `pairs` (0 for records the pipeline drops)."""
     c = self.config
-    fn = jax.jit(functools.partial(pair_logps, model_cfg, c.dpo.kind))
+    fn = jax.jit(functools.partial(side_logps, model_cfg, sides=self.sides, normalised=self.kind.length_normalised))
     n, b = len(pairs), c.train.batch_size
-    chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    out = tuple(np.zeros(n, np.float32) for _ in self.sides)
+    prefixes = tuple(f"{side}_" for side in self.sides)
     for start in range(0, n, b):
-      rows = [preference.make_pair_example(pairs[i], tokenizer, seq_len=c.train.seq_len, overlong=c.data.overlong)
-              for i in range(start, min(start + b, n))]
+      rows = [self.example(pairs[i], tokenizer) for i in range(start, min(start + b, n))]
       kept = [i for i, r in enumerate(rows) if r["status"] in (sft.KEPT, sft.TRUNCATED)]
       if not kept:
         continue
       rows = [rows[i] for i in kept] + [rows[kept[0]]] * (b - len(kept))  # a fixed batch shape: one compile
-      batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k not in ("status", "pair_index")}
-      ch, rj = jax.device_get(fn(reference_params, batch))
-      chosen[[start + i for i in kept]] = ch[: len(kept)]
-      rejected[[start + i for i in kept]] = rj[: len(kept)]
-    return chosen, rejected
+      batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k.startswith(prefixes)}
+      for values, got in zip(out, jax.device_get(fn(reference_params, batch))):
+        values[[start + i for i in kept]] = got[: len(kept)]
+    return out
+
+
+class KTO(Preference):
+  """KTO (Ethayarajh et al. 2024), as TRL's KTOTrainer: unpaired examples, each an answer labelled desirable or
+  undesirable (`preference.kto_examples`; pairs count as one of each), one example per row.
+
+  The loss is losses.kto_loss_sum: r = log π(y|x) − log π_ref(y|x) of the row's answer against the reference point
+  z0 = max(0, the micro-batch's mean log π(y'|x) − log π_ref(y'|x)) on its "kl" sequences (each row's prompt with a
+  mismatched answer y'), weighted by dpo.kto_desirable_weight / dpo.kto_undesirable_weight. z0 is a statistic of
+  the batch the loss sees: all its rows across data-parallel shards (TRL averages its per-device estimates over the
+  devices), and with train.grad_accum > 1 each micro-batch's own (TRL's is per device batch too), so the
+  accumulated loss is the sum of the micro-batches' losses, each with its own z0; changing grad_accum changes z0's
+  sample. The policy's log-probs of the "kl" sequences carry no gradient and run in a forward pass of their own
+  (no backward through them)."""
+  sides = ("completion", "kl")  # the example's own sequence, and its prompt with a mismatched answer
+  sequences_per_row = 2
+  index_key = "example_index"
+  host_only = ("example_index",)  # the step reads the labels
+  unit = "examples"
+
+  def load(self, split, bad):
+    c = self.config
+    return preference.kto_examples(c.data.sources, split, seed=c.seed, hard_fraction=c.data.hard_fraction,
+                                   validation_fraction=c.data.validation_fraction, bad=bad)
+
+  def texts(self, source):
+    for i in range(len(source)):
+      example = source[i]
+      yield chat.render_text(example["prompt"] + [{"role": "assistant", "content": example["completion"]}])
+
+  def shard(self, source, tokenizer, *, train, **common):
+    return preference.kto_dataset(source, tokenizer, overlong=self.config.data.overlong, **common)
+
+  def example(self, record, tokenizer):
+    return preference.make_kto_example(record, tokenizer, seq_len=self.config.train.seq_len,
+                                       overlong=self.config.data.overlong)
+
+  def loss_fn(self, model_cfg):
+    d = self.config.dpo
+    weights = dict(beta=d.beta, desirable_weight=d.get("kto_desirable_weight", 1.0),
+                   undesirable_weight=d.get("kto_undesirable_weight", 1.0))
+
+    def loss_fn(params, batch, frozen, rng=None):
+      del rng
+      (policy,) = side_logps(model_cfg, params, batch, sides=("completion",))
+      (policy_kl,) = jax.lax.stop_gradient(side_logps(model_cfg, params, batch, sides=("kl",)))
+      if "ref_completion_logps" in batch:  # precomputed once over the dataset (dpo.cache_reference)
+        ref, ref_kl = batch["ref_completion_logps"], batch["ref_kl_logps"]
+      else:
+        ref, ref_kl = jax.lax.stop_gradient(side_logps(model_cfg, frozen["reference"], batch, sides=self.sides))
+      total, count, sums = losses.kto_loss_sum(policy, ref, policy_kl, ref_kl, batch["label"], **weights)
+      return total, (count, sums)
+
+    return loss_fn
