@@ -26,10 +26,13 @@ setup(
         "ml-dtypes>=0.4,<0.8",  # bfloat16 in safetensors_io
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5,<4"],  # the suite runs on 2 workers (README)
         "gpu": ["jax[cuda12]"],
         # the reference implementation, for tests/test_hf.py's comparisons (skipped without it); jaxllm.hf
         # itself reads and writes safetensors with numpy alone
         "hf": ["torch>=2.1", "transformers>=4.45", "peft>=0.13"],
+        # lm-evaluation-harness, for jaxllm/lm_eval_adapter.py (python -m jaxllm.lm_eval_adapter); tests/test_lm_eval.py
+        # is skipped without it
+        "eval": ["lm-eval>=0.4,<0.5"],
     },
 )

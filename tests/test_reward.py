@@ -130,6 +130,23 @@ def test_a_reward_model_ranks_held_out_pairs_and_exports(reward_run, tmp_path):
   np.testing.assert_array_equal(reader.get("model.embed_tokens.weight"), params["embed"]["embedding"])
 
 
+def test_transformers_loads_the_reward_model_with_the_same_scores(reward_run, tmp_path):
+  """The exported sequence classifier in transformers ([hf] extra): its score of a sequence (read at its last
+  token) equals the <|end|> logit jaxllm's model gives there."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  out = export.to_hf(reward_run, str(tmp_path / "hf"))
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  cfg, params, tok = runs.load_run(reward_run)
+  end_id = tok.token_id(chat.DEFAULT_TEMPLATE.end)
+  for seed in range(3):
+    ids = np.random.default_rng(seed).integers(3, cfg.vocab_size, (1, 12 + seed))
+    want = float(model.forward(cfg, params, ids)[0, -1, end_id])
+    with torch.no_grad():
+      got = float(hf_model(input_ids=torch.tensor(ids)).logits[0, 0])
+    assert got == pytest.approx(want, abs=1e-4), (seed, got, want)
+
+
 # ---- rejection sampling
 
 
