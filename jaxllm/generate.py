@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm import model as model_lib
 
@@ -91,16 +92,43 @@ def _generate(cfg, params, prompt_BxP, lengths_B, rng, stop_ids, temperature, to
   return jax.lax.while_loop(keep_going, decode_step, carry)[3]
 
 
+def rows_mesh(devices=None) -> Mesh:
+  """A one-axis ("data") mesh over `devices` (default: this process's): inference batches split by rows."""
+  return Mesh(np.array(jax.local_devices() if devices is None else devices), ("data",))
+
+
+def put_rows(arrays, mesh: Mesh | None):
+  """Host arrays [rows, ...] on the mesh, their rows split over every mesh axis (as they are without a mesh)."""
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, arrays)
+  return jax.device_put(arrays, NamedSharding(mesh, P(mesh.axis_names)))
+
+
+def replicate(params, mesh: Mesh | None):
+  """Params on every device of the mesh (unchanged without one): for inference batches split by rows."""
+  return params if mesh is None else jax.device_put(params, NamedSharding(mesh, P()))
+
+
+def pad_rows(n: int, mesh: Mesh | None) -> int:
+  """The smallest multiple of the mesh's size >= n: rows split evenly over its devices."""
+  size = 1 if mesh is None else mesh.size
+  return -(-n // size) * size
+
+
 def generate(cfg: model_lib.ModelConfig, params, prompts: list[list[int]], *, max_new_tokens: int, rng,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids=(),
-             vocab_limit: int | None = None, prompt_slots: int = 0) -> list[list[int]]:
+             vocab_limit: int | None = None, prompt_slots: int = 0, mesh: Mesh | None = None) -> list[list[int]]:
   """Continues each prompt (token ids) by up to `max_new_tokens` tokens; returns the new tokens of each prompt,
   cut after its first id in `stop_ids` (kept). Temperature 0 is greedy; top_k / top_p filter the sampled
   distribution (see `choose_tokens`); ids >= vocab_limit are never produced. One compiled program per (batch,
   longest prompt, max_new_tokens): the sampling settings and up to 4 stop ids are traced. `prompt_slots` pads the
-  prompts to at least that many slots, so that batches of different prompts share one program."""
+  prompts to at least that many slots, so that batches of different prompts share one program. With a `mesh`
+  (params `replicate`d on it), the rows are split over its devices (padded to a multiple of its size); random
+  draws do not depend on the split (jax's partitionable threefry), so the tokens are those of one device."""
   if not prompts:
     return []
+  given = len(prompts)
+  prompts = list(prompts) + [prompts[0]] * (pad_rows(given, mesh) - given)
   lengths = np.array([len(p) for p in prompts], np.int32)
   if lengths.min() < 1:
     raise ValueError("every prompt needs at least one token")
@@ -114,11 +142,12 @@ def generate(cfg: model_lib.ModelConfig, params, prompts: list[list[int]], *, ma
     row[len(row) - len(p):] = p
   stop = np.full(max(4, len(stop_ids)), -1, np.int32)  # up to 4 stop ids share one compiled program
   stop[: len(stop_ids)] = list(stop_ids)
-  out = np.asarray(_generate(cfg, params, jnp.asarray(buf), jnp.asarray(lengths), rng, jnp.asarray(stop),
+  buf, lengths = put_rows((buf, lengths), mesh)
+  out = np.asarray(_generate(cfg, params, buf, lengths, rng, jnp.asarray(stop),
                              jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
                              jnp.int32(vocab_limit or cfg.vocab_size), max_new_tokens=max_new_tokens))
   results = []
-  for row in out.tolist():
+  for row in out[:given].tolist():
     cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
     results.append(row[:cut])
   return results

@@ -15,7 +15,8 @@ atomically once all its prompts are done, and its samples depend only on (--seed
 shards, so an interrupted job resumes to the files an uninterrupted one writes, without duplicates or gaps. Once
 every shard is done, DIR/best.jsonl and DIR/pairs.jsonl concatenate them in order. DIR/manifest.json records the
 arguments; a rerun with others is refused. Across processes (jax.distributed), process i samples the shards k
-with k % processes == i; within a process the batch runs on one device.
+with k % processes == i; within a process each batch's rows are split over its devices (a "data" mesh, the models
+replicated; the samples do not depend on the split: tests/multidevice/test_inference.py).
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class Sampler:
       raise ConfigError(f"--reward {reward!r}: its tokenizer is not the policy's ({args.policy}): the answers "
                         "would be scored as other tokens")
     self.score_id = reward_tok.token_id(task.score_token)
+    self.mesh = generate.rows_mesh()
+    self.params, self.reward_params = (generate.replicate(p, self.mesh) for p in (self.params, self.reward_params))
     self.stops = [self.tok.eos_id, self.tok.token_id(chat.DEFAULT_TEMPLATE.end)]
 
   def shard(self, prompts: list[list[dict]], k: int) -> tuple[list[dict], list[dict]]:
@@ -111,14 +114,14 @@ class Sampler:
       rng, key = jax.random.split(rng)
       outs = generate.generate(self.cfg, self.params, rows, max_new_tokens=a.max_new_tokens, rng=key,
                                temperature=a.temperature, top_p=a.top_p, stop_ids=self.stops,
-                               vocab_limit=self.tok.vocab_size, prompt_slots=a.max_prompt_tokens)
+                               vocab_limit=self.tok.vocab_size, prompt_slots=a.max_prompt_tokens, mesh=self.mesh)
       texts = [self.tok.decode(o[:-1] if o and o[-1] in self.stops else o) for o in outs[:len(batch) * n]]
       # scored as the text will be read later (by SFT, DPO or a reward model): its own tokenization, which a
       # sampled token sequence need not be
       scored = [rows[j] + self.tok.encode(t) for j, t in enumerate(texts)]
       scores = reward_lib.score_sequences(self.reward_cfg, self.reward_params, scored, self.score_id,
                                           batch_size=a.batch_prompts * n,  # room for a longer re-tokenization
-                                          length=a.max_prompt_tokens + 2 * a.max_new_tokens)
+                                          length=a.max_prompt_tokens + 2 * a.max_new_tokens, mesh=self.mesh)
       for i, prompt in enumerate(batch):
         answers = texts[i * n:(i + 1) * n]
         sft, pair = _records(prompt, answers, scores[i * n:(i + 1) * n])

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import model as model_lib
+from jaxllm import generate, model as model_lib
 from jaxllm.data import chat
 from jaxllm.tasks.base import check
 from jaxllm.tasks.lm import logits
@@ -55,10 +55,12 @@ def _end_scores(cfg, params, inputs_BxT, lengths_B, score_id):
 
 
 def score_sequences(cfg: model_lib.ModelConfig, params, sequences: list[list[int]], score_id: int, *,
-                    batch_size: int = 16, length: int = 0) -> np.ndarray:
+                    batch_size: int = 16, length: int = 0, mesh=None) -> np.ndarray:
   """[N] scores of token sequences (a prompt and an answer without its <|end|>), each read at its last token as in
-  training; right-padded to `length` (at least the longest) in batches of `batch_size`: one compiled program."""
+  training; right-padded to `length` (at least the longest) in batches of `batch_size`: one compiled program.
+  With a `mesh` (params `generate.replicate`d on it), each batch's rows are split over its devices."""
   length = max([length, *(len(s) for s in sequences)])
+  batch_size = generate.pad_rows(batch_size, mesh)
   out = np.zeros(len(sequences), np.float32)
   for start in range(0, len(sequences), batch_size):
     rows = sequences[start:start + batch_size]
@@ -66,6 +68,7 @@ def score_sequences(cfg: model_lib.ModelConfig, params, sequences: list[list[int
     lengths = np.ones(batch_size, np.int32)  # the batch's padding rows: one token, discarded
     for i, ids in enumerate(rows):
       buf[i, :len(ids)], lengths[i] = ids, len(ids)
+    buf, lengths = generate.put_rows((buf, lengths), mesh)
     out[start:start + len(rows)] = np.asarray(_end_scores(cfg, params, buf, lengths, score_id))[:len(rows)]
   return out
 
