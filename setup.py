@@ -26,7 +26,10 @@ setup(
         "ml-dtypes>=0.4,<0.8",  # bfloat16 in safetensors_io
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5,<4"],  # the suite runs on 2 workers (README)
+        # the suite runs on 2 workers (README), and tests Hugging Face tokenizers too
+        "test": ["pytest>=8", "pytest-xdist>=3.5,<4", "tokenizers>=0.20,<1", "jinja2>=3.1,<4"],
+        # Hugging Face tokenizer.json tokenizers and their chat templates (jaxllm/data/hf_tokenizer.py); no torch
+        "tokenizers": ["tokenizers>=0.20,<1", "jinja2>=3.1,<4"],
         "gpu": ["jax[cuda12]"],
         # the reference implementation, for tests/test_hf.py's comparisons (skipped without it); jaxllm.hf
         # itself reads and writes safetensors with numpy alone

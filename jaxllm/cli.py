@@ -107,7 +107,7 @@ def generate(argv: list[str]) -> int:
   stop_ids = [tokenizer.eos_id]
   if args.chat:
     ids = [chat.render_prompt([{"role": "user", "content": p}], tokenizer) for p in args.prompt]
-    stop_ids.append(tokenizer.token_id(chat.DEFAULT_TEMPLATE.end))
+    stop_ids = chat.stop_ids(tokenizer)
   else:
     ids = [tokenizer.encode(p) for p in args.prompt]
   context = runs.read_config(args.workdir).get("train", {}).get("seq_len")

@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 
 from jaxllm import checkpoint, hf, peft as peft_lib, runs, tasks
-from jaxllm.data.tokenizer import Tokenizer
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.errors import ConfigError
 
 
@@ -49,7 +48,7 @@ def to_run(workdir: str, out: str, step: int | None = None) -> str:
   _new_dir(out)
   config = runs.read_config(run_dir)
   config["lora"]["enabled"], config["exported_from"] = False, runs.fingerprint(run_dir, step)
-  shutil.copy(os.path.join(run_dir, runs.TOKENIZER), os.path.join(out, runs.TOKENIZER))
+  tokenizer_lib.load(run_dir).save_to(out)
   _save_run(out, config, step, params, {"exported_from": config["exported_from"]})
   return out
 
@@ -62,10 +61,11 @@ def import_hf(hf_dir: str, out: str) -> str:
   source = runs.fingerprint(hf_dir, 0)
   config = {"model": dataclasses.asdict(cfg), "init_from": "", "lora": {"enabled": False},
             "imported_from": source, "hf_config": hf.read_config(hf_dir)}
-  if os.path.exists(os.path.join(hf_dir, runs.TOKENIZER)):
-    shutil.copy(os.path.join(hf_dir, runs.TOKENIZER), os.path.join(out, runs.TOKENIZER))
+  if tokenizer_lib.find(hf_dir):  # sentencepiece's tokenizer.model, or tokenizer.json with its config and template
+    tokenizer_lib.load(hf_dir).save_to(out)
   else:
-    print(f"note: {hf_dir} has no sentencepiece {runs.TOKENIZER}; training from {out} needs one there")
+    print(f"note: {hf_dir} has no tokenizer ({runs.TOKENIZER} or tokenizer.json); training from {out} needs one "
+          "there")
   _save_run(out, config, 0, params, {"imported_from": source, "model": config["model"]})
   return out
 
@@ -96,18 +96,17 @@ def to_hf(workdir: str, out: str, *, step: int | None = None, max_shard_size="5G
     return to_peft(run_dir, step, out)
   _refuse_prefix(run_dir, "hf export")
   template = _hf_template(run_dir)
-  tokenizer_path = os.path.join(run_dir, runs.TOKENIZER)
-  if not template and os.path.exists(tokenizer_path):
-    tok = Tokenizer.from_file(tokenizer_path)
+  tok = tokenizer_lib.load(run_dir) if tokenizer_lib.find(run_dir) else None
+  if not template and tok is not None:
     template = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
   stage = runs.read_config(run_dir).get("stage", "pretrain")
   score_token = None
   if tasks.TASKS[stage].score_token:  # a reward model: its score head, as a sequence-classification checkpoint
-    score_token = Tokenizer.from_file(tokenizer_path).token_id(tasks.TASKS[stage].score_token)
+    score_token = tok.token_id(tasks.TASKS[stage].score_token)
   hf.save(out, cfg, runs.load_params(run_dir, step), max_shard_size=max_shard_size, dtype=dtype, hf_config=template,
           score_token=score_token)
-  if os.path.exists(tokenizer_path):
-    shutil.copy(tokenizer_path, os.path.join(out, runs.TOKENIZER))
+  if tok is not None:
+    tok.save_to(out)
   return out
 
 

@@ -97,7 +97,7 @@ class Sampler:
     self.score_id = reward_tok.token_id(task.score_token)
     self.mesh = generate.rows_mesh()
     self.params, self.reward_params = (generate.replicate(p, self.mesh) for p in (self.params, self.reward_params))
-    self.stops = [self.tok.eos_id, self.tok.token_id(chat.DEFAULT_TEMPLATE.end)]
+    self.stops = chat.stop_ids(self.tok)
 
   def shard(self, prompts: list[list[dict]], k: int) -> tuple[list[dict], list[dict]]:
     a, n = self.args, self.args.samples

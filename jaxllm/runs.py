@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxllm import checkpoint, hf, lora, model as model_lib, peft
 from jaxllm.config import model_overrides, resolve_model
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
 from jaxllm.errors import ConfigError, RunError
 
@@ -63,7 +64,7 @@ def resolved_config(config, model_cfg: model_lib.ModelConfig) -> dict:
 MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
               "train.keep_checkpoints", "train.num_samples", "train.sample_tokens", "train.sample_prompts",
               "train.grad_accum", "train.nan_policy", "mesh.", "model.remat_policy", "lora.merged",
-              "dpo.cache_reference", "data.on_bad_record", "data.max_bad_fraction")
+              "dpo.cache_reference", "data.on_bad_record", "data.max_bad_fraction", "eval.")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -238,7 +239,7 @@ def load_run(workdir: str, step: int | None = None):
   """(model config, params, tokenizer) of a training run: its config.json, tokenizer.model and the params of
   checkpoint `step` (default: the newest), on one device whatever mesh saved them; a LoRA run's merged."""
   cfg = model_config(workdir)
-  tokenizer = Tokenizer.from_file(os.path.join(workdir, TOKENIZER))
+  tokenizer = tokenizer_lib.load(workdir)
   directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
   step = checkpoint.latest_step(directory) if step is None else step
   if step is None:
@@ -259,18 +260,22 @@ def load_run(workdir: str, step: int | None = None):
 
 
 def tokenizer_file(directory: str) -> str:
-  """The sentencepiece tokenizer.model of an init_from directory (a run, or a Hugging Face directory). Refuses,
-  naming init_from, one that is missing or that has more pieces than the embedding has rows (more rows is
-  fine)."""
-  path = os.path.join(directory, TOKENIZER)
-  if not os.path.exists(path):
-    has = [n for n in ("tokenizer.json", "vocab.json", "merges.txt") if os.path.exists(os.path.join(directory, n))]
-    raise ConfigError(f"init_from: {directory} has no sentencepiece {TOKENIZER}"
-                      + (f" (only {', '.join(has)})" if has else "")
-                      + f"; jaxllm reads sentencepiece tokenizers only: add the model's {TOKENIZER}")
+  """The tokenizer of an init_from directory (a run, or a Hugging Face directory): its sentencepiece
+  tokenizer.model or Hugging Face tokenizer.json. Refuses, naming init_from, a directory with neither, or a
+  tokenizer with more pieces than the embedding has rows (more rows is fine)."""
+  path = tokenizer_lib.find(directory)
+  if path is None:
+    has = [n for n in ("vocab.json", "merges.txt") if os.path.exists(os.path.join(directory, n))]
+    raise ConfigError(f"init_from: {directory} has no tokenizer ({TOKENIZER} or tokenizer.json)"
+                      + (f"; only {', '.join(has)}" if has else "") + ": add the model's tokenizer files")
   config = read_config(directory)
   rows = config["vocab_size"] if hf.is_hf_dir(directory) else config.get("model", {}).get("vocab_size")
-  pieces = Tokenizer.from_file(path).vocab_size
+  try:
+    pieces = tokenizer_lib.load(path).vocab_size
+  except ImportError:
+    raise
+  except Exception as e:  # sentencepiece's and tokenizers' own errors on a file they cannot parse
+    raise ConfigError(f"init_from: {path} is not a readable tokenizer ({type(e).__name__}: {e})") from e
   if rows and pieces > rows:
     raise ConfigError(f"init_from: {path} has {pieces} pieces, more than the {rows} rows of the model's "
                       "embedding (vocab_size)")
@@ -279,32 +284,33 @@ def tokenizer_file(directory: str) -> str:
 
 def prepare_tokenizer(config, workdir: str, texts, *, check, init_from_dir: str | None = None,
                       log=print) -> Tokenizer:
-  """The run's tokenizer, saved as workdir/tokenizer.model: the workdir's own (a resumed run), the one of the
-  run init_from names, the configured path, or one trained on `texts()` (an iterable of strings). Refuses
-  mismatches between them, and (before saving it) what `check(tokenizer)` refuses."""
-  saved = os.path.join(workdir, TOKENIZER)
+  """The run's tokenizer, saved in the workdir (tokenizer.model, or a Hugging Face tokenizer.json and
+  tokenizer_config.json): the workdir's own (a resumed run), the one of the run init_from names, the configured
+  path, or one trained on `texts()` (an iterable of strings). Refuses mismatches between them, and (before saving
+  it) what `check(tokenizer)` refuses."""
+  saved = tokenizer_lib.find(workdir)
   t = config.data.tokenizer
   if t.path and not os.path.exists(t.path):
     raise ConfigError(f"data.tokenizer.path: no file {t.path!r}")
   parent = tokenizer_file(init_from_dir) if init_from_dir else None
-  if os.path.exists(saved):
-    tok, source = Tokenizer.from_file(saved), None
+  if saved:
+    tok, source = tokenizer_lib.load(saved), None
   elif parent:
-    tok, source = Tokenizer.from_file(parent), parent
+    tok, source = tokenizer_lib.load(parent), parent
   elif t.path:
-    tok, source = Tokenizer.from_file(t.path), t.path
+    tok, source = tokenizer_lib.load(t.path), t.path
   else:
     start = time.time()
     tok = train_tokenizer(texts(), vocab_size=t.vocab_size, model_type=t.model_type, max_sentences=t.max_sentences,
                           seed=config.seed, character_coverage=t.character_coverage)
     source = f"trained in {time.time() - start:.1f}s"
   for other, key in ((t.path, "data.tokenizer.path"), (parent, "init_from")):
-    if other and Tokenizer.from_file(other).sha256 != tok.sha256:
+    if other and tokenizer_lib.load(other).sha256 != tok.sha256:
       raise ConfigError(f"{key}: the tokenizer {other!r} differs from this run's ({saved if source is None else source}); "
                         "a run and the checkpoint it starts from must share one tokenizer")
   check(tok)
-  if jax.process_index() == 0 and not os.path.exists(saved):
-    tok.save(saved)
+  if jax.process_index() == 0 and not saved:
+    tok.save_to(workdir)
   if source:
     log(f"tokenizer: {tok.vocab_size} pieces ({source})")
   return tok

@@ -287,12 +287,16 @@ def test_init_from_a_hugging_face_directory_hooks(tmp_path, corpus_dir, tokenize
 def test_init_from_refusals(tmp_path, corpus_dir, tokenizer_320):
   d = tmp_path / "no_tokenizer"
   hf_dir_for_tiny_config(d, None)
-  (d / "tokenizer.json").write_text("{}")
-  with pytest.raises(config_lib.ConfigError, match="init_from: .* no sentencepiece tokenizer.model .*tokenizer.json"):
+  (d / "merges.txt").write_text("")
+  with pytest.raises(config_lib.ConfigError, match="init_from: .* no tokenizer .*; only merges.txt"):
     runs.tokenizer_file(str(d))
   assert cli.main(["hf", "import", "--hf", str(d), "--out", str(tmp_path / "imported")]) == 0  # a run without a tokenizer either
-  with pytest.raises(config_lib.ConfigError, match="init_from: .*imported has no sentencepiece tokenizer.model"):
+  with pytest.raises(config_lib.ConfigError, match="init_from: .*imported has no tokenizer"):
     runs.tokenizer_file(str(tmp_path / "imported"))
+  (d / "tokenizer.json").write_text("{}")
+  pytest.importorskip("tokenizers")
+  with pytest.raises(config_lib.ConfigError, match="init_from: .*tokenizer.json is not a readable tokenizer"):
+    runs.tokenizer_file(str(d))
   d = tmp_path / "small_embedding"
   hf_dir_for_tiny_config(d, tokenizer_320, vocab_size=300)
   with pytest.raises(config_lib.ConfigError, match="has 320 pieces, more than the 300 rows"):

@@ -7,8 +7,9 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# imported only inside the functions of optional extras ([hf]) or tests; not install requirements
-OPTIONAL = {"torch", "transformers", "peft", "safetensors", "pytest"}
+# imported only inside the functions of optional extras ([hf], [tokenizers]), by jaxllm/lm_eval_adapter.py ([eval]) or tests; not
+# install requirements
+OPTIONAL = {"torch", "transformers", "peft", "safetensors", "pytest", "lm_eval", "tokenizers", "jinja2"}
 
 
 def _imports(directory: str) -> set[str]:

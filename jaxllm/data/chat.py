@@ -67,7 +67,11 @@ def check_messages(messages) -> None:
 
 
 def check_tokenizer(tokenizer: Tokenizer, template: ChatTemplate = DEFAULT_TEMPLATE) -> dict[str, int]:
-  """{marker: id} for the template's markers; ValueError naming a marker that is not a single token."""
+  """{marker: id} for the template's markers; ValueError naming a marker that is not a single token. A tokenizer
+  with its own chat template (a Hugging Face one): {} once the template renders a conversation."""
+  if tokenizer.chat_template:
+    _render_own(from_pair("Hi", "Hello"), tokenizer, 0.0)
+    return {}
   ids = {}
   for marker in template.markers:
     try:
@@ -94,6 +98,8 @@ def render(messages: list[dict], tokenizer: Tokenizer, template: ChatTemplate = 
   if not 0.0 <= prompt_loss_weight <= 1.0:
     raise ValueError(f"prompt_loss_weight must be in [0, 1], got {prompt_loss_weight}")
   check_messages(messages)
+  if tokenizer.chat_template:
+    return _render_own(messages, tokenizer, prompt_loss_weight)
   marker_ids = check_tokenizer(tokenizer, template)
   after_marker, after_end = tokenizer.encode(template.after_marker), tokenizer.encode(template.after_end)
   w = float(prompt_loss_weight)
@@ -112,9 +118,59 @@ def render(messages: list[dict], tokenizer: Tokenizer, template: ChatTemplate = 
   return ids, mask
 
 
+def _render_own(messages: list[dict], tokenizer, weight: float) -> tuple[list[int], list[float]]:
+  """`render` through the tokenizer's own chat template: the text the template writes, the loss on each
+  assistant turn's span (its content and whatever the template closes it with, e.g. "<|im_end|>\\n"): the text
+  the template adds between the conversation so far with the generation prompt and the conversation with that
+  turn. Each span is tokenized on its own, so mask boundaries are exact; the template must be prefix-stable."""
+  ids, mask, done = [], [], ""
+  for k, m in enumerate(messages):
+    pieces = [(tokenizer.render_chat(messages[:k], add_generation_prompt=True), weight)] if m["role"] == "assistant" \
+        else []
+    pieces.append((tokenizer.render_chat(messages[:k + 1]), 1.0 if m["role"] == "assistant" else weight))
+    for text, w in pieces:
+      if not text.startswith(done):
+        raise ValueError("the tokenizer's chat template is not prefix-stable (rendering more messages changes the "
+                         "text of earlier ones), so the loss spans of its turns cannot be told apart")
+      piece = tokenizer.encode(text[len(done):])
+      ids, mask, done = ids + piece, mask + [w] * len(piece), text
+  return ids, mask
+
+
+def render_answer(prompt: list[dict], answer: str, tokenizer: Tokenizer,
+                  template: ChatTemplate = DEFAULT_TEMPLATE) -> tuple[list[int], list[float]]:
+  """(ids, loss mask) of an assistant answer as it follows `render_prompt(prompt)`: render(prompt + [answer]) is
+  render_prompt(prompt)'s ids followed by these."""
+  if tokenizer.chat_template:
+    ids, mask = _render_own(prompt + [{"role": "assistant", "content": answer}], tokenizer, 0.0)
+    head = len(render_prompt(prompt, tokenizer))
+    return ids[head:], mask[head:]
+  ids, mask = render([{"role": "assistant", "content": answer}], tokenizer, template)
+  head = mask.index(1.0)  # the "<|assistant|>\\n" that the prompt's ids already end with
+  return ids[head:], mask[head:]
+
+
+def stop_ids(tokenizer: Tokenizer, template: ChatTemplate = DEFAULT_TEMPLATE) -> list[int]:
+  """The ids that end an answer: EOS and the template's end of turn (<|end|>; with a tokenizer's own template the
+  end-of-turn tokens of known families present in its vocabulary: <|im_end|>, <|eot_id|>, <|end|>)."""
+  ends = ["<|im_end|>", "<|eot_id|>", "<|end|>"] if tokenizer.chat_template else [template.end]
+  out = [tokenizer.eos_id]
+  for end in ends:
+    try:
+      out.append(tokenizer.token_id(end))
+    except KeyError:
+      if not tokenizer.chat_template:
+        raise
+  return list(dict.fromkeys(out))
+
+
 def render_prompt(messages: list[dict], tokenizer: Tokenizer,
                   template: ChatTemplate = DEFAULT_TEMPLATE) -> list[int]:
   """Ids of `messages` followed by "<|assistant|>\\n": what a model continues to answer."""
+  if tokenizer.chat_template:
+    check_messages(messages)
+    return _render_own(messages, tokenizer, 0.0)[0] + tokenizer.encode(
+        tokenizer.render_chat(messages, add_generation_prompt=True)[len(tokenizer.render_chat(messages)):])
   ids, _ = render(messages, tokenizer, template)
   return ids + [check_tokenizer(tokenizer, template)[template.assistant]] + tokenizer.encode(
       template.after_marker)

@@ -436,7 +436,7 @@ def make_pair_example(pair: dict, tokenizer: Tokenizer, *, seq_len: int,
   place in the source, -1 if unknown) and a "status" (kept, truncated, too long) with sft.make_example's codes;
   a dropped pair has empty features."""
   prompt_ids = chat.render_prompt(pair["prompt"], tokenizer, template)  # ends with "<|assistant|>\n"
-  answers = {side: _answer_tokens(pair[side], tokenizer, template) for side in SIDES}
+  answers = {side: chat.render_answer(pair["prompt"], pair[side], tokenizer, template) for side in SIDES}
   status, prompt_ids, answers = _fit(prompt_ids, answers, seq_len, overlong)
   if status == sft.TOO_LONG:
     return {"status": status}
@@ -452,25 +452,17 @@ def make_kto_example(example: dict, tokenizer: Tokenizer, *, seq_len: int,
   """One KTO example -> the padded [seq_len] features of its "completion" and "kl" sequences (see kto_dataset), its
   "label", `example_index` (-1 if unknown) and the "status" of its own sequence; a dropped example has no features."""
   prompt_ids = chat.render_prompt(example["prompt"], tokenizer, template)
-  own = {"completion": _answer_tokens(example["completion"], tokenizer, template)}
+  own = {"completion": chat.render_answer(example["prompt"], example["completion"], tokenizer, template)}
   status, own_prompt, own = _fit(prompt_ids, own, seq_len, overlong)
   if status == sft.TOO_LONG:
     return {"status": status}
-  _, kl_prompt, kl = _fit(prompt_ids, {"kl": _answer_tokens(example["kl_completion"], tokenizer, template)}, seq_len,
-                          "truncate")
+  kl_answer = chat.render_answer(example["prompt"], example["kl_completion"], tokenizer, template)
+  _, kl_prompt, kl = _fit(prompt_ids, {"kl": kl_answer}, seq_len, "truncate")
   rows, kl_rows = _rows(own_prompt, own, tokenizer, seq_len), _rows(kl_prompt, kl, tokenizer, seq_len)
   if rows is None or kl_rows is None:
     return {"status": sft.NO_LOSS}
   return {"status": status, "example_index": np.int32(example.get("index", -1)),
           "label": np.float32(bool(example["label"])), **rows, **kl_rows}
-
-
-def _answer_tokens(answer: str, tokenizer: Tokenizer, template: chat.ChatTemplate) -> tuple[list[int], list[float]]:
-  """(ids, loss mask) of an assistant answer as it follows `chat.render_prompt`: render is prefix-stable, so
-  render(prompt + [answer]) = prompt ids + these."""
-  ids, mask = chat.render([{"role": "assistant", "content": answer}], tokenizer, template)
-  head = mask.index(1.0)  # the "<|assistant|>\n" that the prompt's ids already end with
-  return ids[head:], mask[head:]
 
 
 def _fit(prompt_ids: list[int], answers: dict, seq_len: int, overlong: str):

@@ -7,6 +7,7 @@ then learned pieces.
 
 import hashlib
 import io
+import os
 import re
 from collections.abc import Iterable, Sequence
 
@@ -84,6 +85,38 @@ class Tokenizer:
   def save(self, path: str) -> None:
     with open(path, "wb") as f:
       f.write(self.model_bytes)
+
+  chat_template = None  # the built-in template of jaxllm/data/chat.py applies
+
+  def save_to(self, directory: str) -> list[str]:
+    """Writes tokenizer.model into `directory`."""
+    self.save(os.path.join(directory, SENTENCEPIECE_FILE))
+    return [SENTENCEPIECE_FILE]
+
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+
+def find(directory: str) -> str | None:
+  """The tokenizer file of a directory (a run, a Hugging Face model): tokenizer.model (sentencepiece) or
+  tokenizer.json (Hugging Face), or None."""
+  for name in (SENTENCEPIECE_FILE, "tokenizer.json"):
+    if os.path.exists(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  return None
+
+
+def load(path: str):
+  """A tokenizer from a file (a sentencepiece .model, or a tokenizer.json with its directory's
+  tokenizer_config.json) or from a directory holding one of them (`find`)."""
+  if os.path.isdir(path):
+    if (found := find(path)) is None:
+      raise FileNotFoundError(f"{path}: no {SENTENCEPIECE_FILE} or tokenizer.json")
+    path = found
+  if path.endswith(".json"):
+    from jaxllm.data.hf_tokenizer import HFTokenizer  # the `tokenizers` library, only when one is used
+    return HFTokenizer.from_dir(os.path.dirname(os.path.abspath(path)))
+  return Tokenizer.from_file(path)
 
 
 def train_tokenizer(

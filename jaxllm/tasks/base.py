@@ -135,7 +135,7 @@ class Task:
     stops = [tokenizer.eos_id]
     if self.chat:
       prompts = [chat.render_prompt([{"role": "user", "content": p}], tokenizer) for p in texts]
-      stops.append(tokenizer.token_id(chat.DEFAULT_TEMPLATE.end))
+      stops = chat.stop_ids(tokenizer)
     else:
       prompts = [tokenizer.encode(p) for p in texts]
     outs = generate.generate(model_cfg, params, prompts, max_new_tokens=t.sample_tokens,
