@@ -1,9 +1,11 @@
-"""Scoring a run's model on text, as benchmark harnesses ask it (lm-evaluation-harness's `loglikelihood` and
-`loglikelihood_rolling` requests).
+"""Scoring a run's model on text, as benchmark harnesses ask it (lm-evaluation-harness's `loglikelihood`,
+`loglikelihood_rolling` and `generate_until` requests), and the tasks built on them (`jaxllm eval`, `eval.tasks`
+during training, jaxllm/lm_eval_adapter.py).
 
   scorer = evaluation.Scorer.from_run("runs/sft_tiny")         # a full, LoRA (merged) or imported HF run
   scorer.loglikelihood([("The capital of France is", " Paris")])  # [(Σ log p(continuation | context), greedy?)]
   scorer.loglikelihood_rolling(["a long text ..."])              # [Σ log p(text)], every token predicted once
+  scorer.generate_until(["def f(x):\n"], ("\n",), max_tokens=16)  # [greedy text, cut at the first stop string]
 
 Tokenization follows lm-evaluation-harness: trailing spaces of the context move to the continuation, the context
 alone is encoded, the continuation's tokens are those of encoding context + continuation after as many tokens as
@@ -17,12 +19,13 @@ Runs on the default device (one process, no mesh yet).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import model as model_lib, runs
+from jaxllm import generate, model as model_lib, runs
 from jaxllm.errors import ConfigError
 
 MIN_BUCKET = 32
@@ -63,6 +66,7 @@ class Scorer:
   def __init__(self, cfg: model_lib.ModelConfig, params, tokenizer, *, max_length: int = 512, batch_size: int = 16):
     self.cfg, self.params, self.tok = cfg, params, tokenizer
     self.max_length, self.batch_size = max_length, batch_size
+    self._stop_pieces: dict[tuple[str, ...], list[int]] = {}
 
   @classmethod
   def from_run(cls, run_dir: str, step: int | None = None, **kwargs) -> "Scorer":
@@ -129,21 +133,79 @@ class Scorer:
       totals[t] += logp
     return totals.tolist()
 
+  def generate_until(self, contexts: list[str], stop: tuple[str, ...] = ("\n",), max_tokens: int = 32) -> list[str]:
+    """Greedy continuations of each context (an empty one is the BOS token), cut before the first stop string
+    (as lm-evaluation-harness cuts its `until`) and at EOS; at most max_tokens tokens each."""
+    return self.generate_ids([self.tok.encode(c) or [self.tok.bos_id] for c in contexts], stop, max_tokens)
+
+  def generate_ids(self, prompts: list[list[int]], stop: tuple[str, ...] = ("\n",), max_tokens: int = 32,
+                   end_ids: tuple[int, ...] = ()) -> list[str]:
+    """generate_until for prompts already tokenized; generation also ends at any of end_ids (e.g. <|end|>), which
+    the text leaves out. Prompts are cut from the left to max_length - max_tokens tokens, sorted by length and
+    batched by bucket, every batch padded to batch_size rows: one compiled program per (bucket, max_tokens)."""
+    if not 0 < max_tokens < self.max_length:
+      raise ValueError(f"generate: max_tokens={max_tokens} must be in [1, max_length={self.max_length})")
+    stop = tuple(s for s in stop if s)
+    ends = (self.tok.eos_id, *end_ids)
+    room = self.max_length - max_tokens
+    out: list = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), self.batch_size):
+      chunk = order[start:start + self.batch_size]
+      rows = [list(prompts[i])[-room:] for i in chunk]
+      slots = bucket(max(map(len, rows)), room)
+      rows += [[self.tok.bos_id]] * (self.batch_size - len(rows))
+      new = generate.generate(self.cfg, self.params, rows, max_new_tokens=max_tokens, rng=jax.random.key(0),
+                              temperature=0.0, stop_ids=ends + tuple(self.stop_pieces(stop)),
+                              vocab_limit=self.tok.vocab_size, prompt_slots=slots)
+      for i, ids in zip(chunk, new):
+        ids = ids[:next((k for k, t in enumerate(ids) if t in ends), len(ids))]
+        out[i] = cut(self.tok.decode(ids), stop)
+    return out
+
+  def stop_pieces(self, stop: tuple[str, ...]) -> list[int]:
+    """Ids whose text contains a stop string: once one is generated the text is cut there, so generation can
+    end (a stop string split over several tokens is cut from the text afterwards)."""
+    if stop not in self._stop_pieces:
+      self._stop_pieces[stop] = [i for i in range(self.tok.vocab_size)
+                                 if any(s in self.tok.decode([i]) for s in stop)]
+    return self._stop_pieces[stop]
+
+
+def cut(text: str, stop) -> str:
+  """The text before the first occurrence of any stop string (lm-evaluation-harness's `until`)."""
+  for s in stop:
+    if s:
+      text = text.split(s)[0]
+  return text
+
 
 # ------------------------------------------------------------------------------------------------ tasks
-# A task is a list of items. Multiple choice: {"context", "choices", "answer"} (+ "chat": the context is a user turn
-# and the choices are answers, rendered with the chat template as SFT trains on them); metrics acc (the choice of
-# highest log-likelihood is the answer) and acc_norm (per character of the choice, as lm-evaluation-harness's).
-# Perplexity: {"text"}; metric perplexity = exp(−Σ log p / Σ tokens) over every token of every text.
+# A task is a list of items (one JSON object per line of a task file), of three kinds:
+#   multiple choice {"context", "choices", "answer"}: acc (the choice of highest log-likelihood is the answer),
+#     acc_norm (log-likelihood per character of the choice) and acc_mutual_info (log p(choice | context) minus
+#     log p(choice | an empty context): the answer's prior taken out), as lm-evaluation-harness computes them;
+#   generation {"context", "target"} (+ "until": stop strings, default ["\n"]; "max_tokens", default 32):
+#     exact_match, the greedy continuation cut at the first stop string equal to the target, both stripped;
+#   perplexity {"text"}: perplexity = exp(−Σ log p / Σ tokens) over every token of every text.
+# "chat": true renders the context as a user turn and the choices / target as the answer (the chat template SFT
+# trains on; the empty context of acc_mutual_info is an empty user turn).
 
 CHOICES = 4            # choices per embedded multiple-choice item: the answer and three distractors
 STDLIB_CHARS = 2000    # the first characters of each held-out standard-library file
 MAX_ANSWER_CHARS = 200  # embedded answer selection keeps the conversations whose answer is at most this long
+MAX_TOKENS = 32        # generation items: new tokens at most, unless the item says
+NEXT_LINE_CHARS = 12   # next-line completion: target lines of at most this many characters (else:, return, """)
+NEXT_LINE_CONTEXT = 500  # characters of whole preceding lines at most (cut further to fit max_length)
+NEXT_LINE_ITEMS = 20   # items per held-out file at most, evenly spread over its lines
+NEXT_LINE_TOKENS = 16  # new tokens per next-line item: the indentation and a short line
 EMBEDDED = {
     "chatterbot_mc_en": "answer selection on held-out English chatterbot conversations (1 of 4, chat template)",
     "chatterbot_mc_zh": "answer selection on held-out Chinese chatterbot conversations (1 of 4, chat template)",
     "stdlib_ppl": "perplexity on held-out Python standard-library files (their first 2,000 characters)",
+    "stdlib_next_line": "next-line completion on held-out Python standard-library files (short lines, exact match)",
 }
+METRICS = ("acc", "acc_norm", "acc_mutual_info", "exact_match", "perplexity")  # what training logs per task
 
 
 def chatterbot_choices(language: str, seed: int = 0) -> list[dict]:
@@ -167,12 +229,34 @@ def chatterbot_choices(language: str, seed: int = 0) -> list[dict]:
   return items
 
 
-def stdlib_texts(limit: int | None = None) -> list[dict]:
+def _stdlib_held_out():
   from jaxllm.data import sources
 
-  docs = sources.documents("stdlib", "validation", validation_fraction=0.02)
+  return sources.documents("stdlib", "validation", validation_fraction=0.02)  # pretraining's default held-out
+
+
+def stdlib_texts(limit: int | None = None) -> list[dict]:
+  docs = _stdlib_held_out()
   n = len(docs) if limit is None else min(limit, len(docs))
   return [{"text": docs[i][:STDLIB_CHARS]} for i in range(n) if docs[i].strip()]
+
+
+def next_lines() -> list[dict]:
+  """Next-line completion on the held-out standard-library files: a target is a short code line (1 to
+  NEXT_LINE_CHARS characters stripped, not a comment) after at least 3 lines; its context the whole lines before
+  it that fit in NEXT_LINE_CONTEXT characters; up to NEXT_LINE_ITEMS per file, evenly spread."""
+  items = []
+  for text in _stdlib_held_out():
+    lines = text.split("\n")
+    at = [k for k, line in enumerate(lines[:-1]) if k >= 3 and 0 < len(line.strip()) <= NEXT_LINE_CHARS
+          and not line.strip().startswith("#")]
+    for k in [at[j] for j in np.linspace(0, len(at) - 1, min(len(at), NEXT_LINE_ITEMS)).astype(int)] if at else []:
+      first = k
+      while first > 0 and sum(len(line) + 1 for line in lines[first - 1:k]) <= NEXT_LINE_CONTEXT:
+        first -= 1
+      items.append({"context": "".join(line + "\n" for line in lines[first:k]), "target": lines[k].strip(),
+                    "max_tokens": NEXT_LINE_TOKENS})
+  return items
 
 
 def load_task(name: str, limit: int | None = None) -> list[dict]:
@@ -181,14 +265,36 @@ def load_task(name: str, limit: int | None = None) -> list[dict]:
     items = chatterbot_choices({"en": "english", "zh": "chinese"}[name.rsplit("_", 1)[1]])
   elif name == "stdlib_ppl":
     items = stdlib_texts(limit)
+  elif name == "stdlib_next_line":
+    items = next_lines()
   elif name.endswith(".jsonl"):
     from jaxllm.data import sources
 
     records = sources.jsonl_records(name, _check_item, what="task items")
     items = [records[i] for i in range(len(records))]
+    if len({_kind(it) for it in items}) > 1:
+      raise ConfigError(f"--tasks {name}: its items must all be of one kind (multiple choice, generation or "
+                        "perplexity)")
   else:
     raise ConfigError(f"--tasks: {name!r} is neither an embedded task ({', '.join(EMBEDDED)}) nor a .jsonl file")
   return items[:limit] if limit else items
+
+
+def check_names(names: str, key: str = "--tasks") -> list[str]:
+  """The task names of a comma-separated list, each embedded or an existing .jsonl file; ConfigError naming
+  `key` otherwise. Reads no task data."""
+  import os
+
+  out = [n.strip() for n in names.split(",") if n.strip()]
+  for name in out:
+    if name not in EMBEDDED and not (name.endswith(".jsonl") and os.path.isfile(name)):
+      raise ConfigError(f"{key}: {name!r} is neither an embedded task ({', '.join(EMBEDDED)}) nor an existing "
+                        ".jsonl file")
+  return out
+
+
+def _kind(item: dict) -> str:
+  return "perplexity" if "text" in item else "multiple choice" if "choices" in item else "generation"
 
 
 def _check_item(item) -> dict:
@@ -203,38 +309,125 @@ def _check_item(item) -> dict:
       raise ValueError("'choices' must be a list of at least two non-empty strings")
     if not (isinstance(item["answer"], int) and 0 <= item["answer"] < len(item["choices"])):
       raise ValueError(f"'answer' must index 'choices' (0..{len(item['choices']) - 1})")
+  elif {"context", "target"} <= set(item):
+    if not (isinstance(item["context"], str) and isinstance(item["target"], str)):
+      raise ValueError("'context' and 'target' must be strings")
+    until = item.get("until", ["\n"])
+    if not (isinstance(until, list) and all(isinstance(u, str) for u in until)):
+      raise ValueError("'until' must be a list of strings")
+    if not (isinstance(item.get("max_tokens", MAX_TOKENS), int) and item.get("max_tokens", MAX_TOKENS) > 0):
+      raise ValueError("'max_tokens' must be a positive integer")
   else:
-    raise ValueError("expected 'text' (perplexity) or 'context', 'choices' and 'answer' (multiple choice)")
+    raise ValueError("expected 'text' (perplexity), 'context', 'choices' and 'answer' (multiple choice) or "
+                     "'context' and 'target' (generation)")
   return item
 
 
-def evaluate(scorer: Scorer, items: list[dict]) -> dict:
-  """The metrics of a task's items: {"acc", "acc_norm", "n"} (multiple choice) or {"perplexity", "tokens", "n"}."""
+def _chat_context(scorer: Scorer, context: str) -> list[int]:
   from jaxllm.data import chat
 
-  if all("text" in it for it in items):
+  return chat.render_prompt([{"role": "user", "content": context}], scorer.tok)
+
+
+def _chat_answer(scorer: Scorer, answer: str) -> list[int]:
+  """An answer's ids and its <|end|>, as SFT trains on them."""
+  from jaxllm.data import chat
+
+  ids, mask = chat.render([{"role": "assistant", "content": answer}], scorer.tok)
+  return ids[mask.index(1.0):]
+
+
+def evaluate(scorer: Scorer, items: list[dict]) -> dict:
+  """The metrics of a task's items: {"acc", "acc_norm", "acc_mutual_info", "n"} (multiple choice),
+  {"exact_match", "n"} (generation) or {"perplexity", "tokens", "n"}."""
+  kinds = {_kind(it) for it in items}
+  if len(kinds) != 1:
+    raise ValueError(f"a task's items must all be of one kind, not {sorted(kinds)}")
+  if kinds == {"perplexity"}:
     totals = scorer.loglikelihood_rolling([it["text"] for it in items])
     tokens = sum(len(scorer.tok.encode(it["text"])) for it in items)
     return {"perplexity": float(np.exp(-sum(totals) / tokens)), "tokens": tokens, "n": len(items)}
-  requests, owner = [], []
-  for k, it in enumerate(items):
+  if kinds == {"generation"}:
+    return {"exact_match": float(np.mean([p.strip() == it["target"].strip()
+                                          for p, it in zip(generations(scorer, items), items)])), "n": len(items)}
+  requests, unconditional = [], {}  # unconditional: one request per distinct (chat?, choice)
+  for it in items:
+    context = _chat_context(scorer, it["context"]) if it.get("chat") else None
     for choice in it["choices"]:
       if it.get("chat"):
-        context = chat.render_prompt([{"role": "user", "content": it["context"]}], scorer.tok)
-        ids, mask = chat.render([{"role": "assistant", "content": choice}], scorer.tok)
-        requests.append((context, ids[mask.index(1.0):]))  # the answer and its <|end|>, as SFT trains on them
+        requests.append((context, _chat_answer(scorer, choice)))
+        unconditional.setdefault((True, choice), (_chat_context(scorer, ""), requests[-1][1]))
       else:
         requests.append(scorer.split(it["context"], choice))
-      owner.append(k)
-  scores = [logp for logp, _ in scorer.loglikelihood_ids(requests)]
-  per_item: list[list[tuple[float, str]]] = [[] for _ in items]
-  for logp, k, choice in zip(scores, owner, (c for it in items for c in it["choices"])):
-    per_item[k].append((logp, choice))
-  acc = acc_norm = 0
-  for it, mine in zip(items, per_item):
-    acc += int(np.argmax([s for s, _ in mine])) == it["answer"]
-    acc_norm += int(np.argmax([s / max(len(c.encode()), 1) for s, c in mine])) == it["answer"]
-  return {"acc": acc / len(items), "acc_norm": acc_norm / len(items), "n": len(items)}
+        unconditional.setdefault((False, choice), scorer.split("", choice))
+  scores = [logp for logp, _ in scorer.loglikelihood_ids(requests + list(unconditional.values()))]
+  prior = dict(zip(unconditional, scores[len(requests):]))
+  acc = acc_norm = acc_mi = 0
+  k = 0
+  for it in items:
+    logp = np.array(scores[k:k + len(it["choices"])])
+    k += len(it["choices"])
+    acc += int(np.argmax(logp)) == it["answer"]
+    acc_norm += int(np.argmax(logp / [len(c) for c in it["choices"]])) == it["answer"]
+    acc_mi += int(np.argmax(logp - [prior[(bool(it.get("chat")), c)] for c in it["choices"]])) == it["answer"]
+  n = len(items)
+  return {"acc": acc / n, "acc_norm": acc_norm / n, "acc_mutual_info": acc_mi / n, "n": n}
+
+
+def generations(scorer: Scorer, items: list[dict]) -> list[str]:
+  """The greedy continuation of each generation item, cut at its stop strings; items that share stop strings,
+  max_tokens and chat-ness are generated together."""
+  groups: dict[tuple, list[int]] = {}
+  for k, it in enumerate(items):
+    groups.setdefault((tuple(it.get("until", ["\n"])), it.get("max_tokens", MAX_TOKENS), bool(it.get("chat"))),
+                      []).append(k)
+  out: list = [None] * len(items)
+  for (until, max_tokens, is_chat), ks in groups.items():
+    if is_chat:
+      from jaxllm.data import chat
+
+      prompts = [_chat_context(scorer, items[k]["context"]) for k in ks]
+      ends = (scorer.tok.token_id(chat.DEFAULT_TEMPLATE.end),)
+    else:
+      prompts = [scorer.tok.encode(items[k]["context"]) or [scorer.tok.bos_id] for k in ks]
+      ends = ()
+    for k, text in zip(ks, scorer.generate_ids(prompts, until, max_tokens, ends)):
+      out[k] = text
+  return out
+
+
+class DuringTraining:
+  """Scores `eval.tasks` at a run's eval steps (jaxllm/train.py): the items are read once, the first
+  eval.max_items of each task; rows of train.seq_len tokens (or eval.max_length); one process."""
+
+  def __init__(self, config, model_cfg: model_lib.ModelConfig, tokenizer):
+    e = config.eval
+    self.names = check_names(e.tasks, "eval.tasks")
+    self.items = {name: load_task(name, e.max_items or None) for name in self.names}
+    self.scorer = Scorer(model_cfg, None, tokenizer, max_length=e.max_length or config.train.seq_len)
+
+  @staticmethod
+  def validate(config):
+    """ConfigError naming eval.* before any data is read."""
+    e = config.eval
+    if check_names(e.tasks, "eval.tasks") and jax.process_count() > 1:
+      raise ConfigError("eval.tasks: tasks are scored during single-process runs only; score the checkpoints "
+                        "with jaxllm eval")
+    for key, zero in (("max_items", "all"), ("max_length", "train.seq_len")):
+      if e[key] < 0:
+        raise ConfigError(f"eval.{key}: must be >= 0 (0 = {zero}), got {e[key]}")
+
+  def row(self, params) -> dict:
+    """{"eval/<task>/<metric>": value} of the model with these (full) params."""
+    self.scorer.params, out = params, {}
+    for name, items in self.items.items():
+      try:
+        metrics = evaluate(self.scorer, items)
+      except ValueError as e:
+        raise ConfigError(f"eval.tasks {name}: {e}; set eval.max_length") from e
+      key = os.path.basename(name).removesuffix(".jsonl")  # as DIR/eval/<task>.json names it
+      out.update({f"eval/{key}/{k}": float(v) for k, v in metrics.items() if k in METRICS})
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -243,7 +436,15 @@ def main(argv: list[str]) -> int:
   import json
   import time
 
-  parser = argparse.ArgumentParser(prog="jaxllm eval", description="Score a run on tasks; DIR/eval/<task>.json.")
+  parser = argparse.ArgumentParser(
+      prog="jaxllm eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Score a run on tasks: a line per task, and DIR/eval/<task>.json with its metrics.",
+      epilog="A task file is JSONL, one item per line, all of one kind:\n"
+             '  {"context", "choices": [...], "answer": i}  multiple choice: acc, acc_norm, acc_mutual_info\n'
+             '  {"context", "target"} (+ "until": [stops], default ["\\n"]; "max_tokens", default 32)\n'
+             "                                             generation, greedy: exact_match (stripped)\n"
+             '  {"text"}                                   perplexity\n'
+             '"chat": true renders the context as a user turn (the chat template SFT trains on).')
   parser.add_argument("--run", help="a run directory (full, LoRA or imported)")
   parser.add_argument("--tasks", default="", help=f"comma-separated: {', '.join(EMBEDDED)} or task .jsonl files")
   parser.add_argument("--limit", type=int, default=None, help="the first N items of each task")
@@ -258,10 +459,11 @@ def main(argv: list[str]) -> int:
     return 0
   if not args.run or not args.tasks:
     raise ConfigError("jaxllm eval: give --run DIR and --tasks A,B (or --list)")
+  names = check_names(args.tasks)
   extra = {"max_length": args.max_length} if args.max_length else {}
   scorer = Scorer.from_run(args.run, args.step, batch_size=args.batch_size, **extra)
   rows = []
-  for name in filter(None, args.tasks.split(",")):
+  for name in names:
     start = time.time()
     try:
       metrics = evaluate(scorer, load_task(name, args.limit))

@@ -16,7 +16,7 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
-from jaxllm import lock, metrics as metrics_lib
+from jaxllm import evaluation, lock, metrics as metrics_lib
 from jaxllm.build import Setup, build, log
 from jaxllm.errors import Preempted
 
@@ -28,6 +28,7 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   `devices` restricts the mesh to these devices (default: all). SIGTERM (preemption) raises Preempted: in the
   loop after saving the current step; while loading or compiling, before the first step, with nothing to save.
   """
+  evaluation.DuringTraining.validate(config)  # eval.tasks: names checked before any data is read
   with _sigterm_flag() as preempted, _one_writer(workdir):  # from the start: SIGTERM while loading is caught too
     setup = build(config, workdir, devices)
     try:
@@ -59,6 +60,7 @@ class StepLog:
     self.progress = metrics_lib.Progress(s.config.train.steps, s.start_step)
     self.window_start, self.window_steps = None, 0
     self.last = {}
+    self.scoring = evaluation.DuringTraining(s.config, s.model_cfg, s.tokenizer) if s.config.eval.tasks else None
 
   def finish(self, step: int, m: dict, state):
     """`state` is the newest state: a non-finite step saves it (its update was not applied) and stops."""
@@ -90,14 +92,18 @@ class StepLog:
       self.window_start, self.window_steps = now, 0
 
   def evaluate(self, step: int, params):
-    """Validation over the fixed eval batches: eval/loss (per token or pair), the task's metrics, aux means."""
-    s = self.s
-    sums = jax.device_get([s.eval_step(params, b, s.frozen) for b in s.eval_batches])
-    weight = sum(w for _, w, _ in sums)
-    loss = float(sum(x for x, _, _ in sums) / weight)
-    row = {"eval/loss": loss, **s.task.eval_row(loss)}
-    for key in sums[0][2]:
-      row[f"eval/{key}"] = float(sum(a[key] for _, _, a in sums) / weight)
+    """Validation over the fixed eval batches: eval/loss (per token or pair), the task's metrics, aux means; and
+    the eval.tasks metrics, eval/<task>/<metric>."""
+    s, row = self.s, {}
+    if s.eval_batches:
+      sums = jax.device_get([s.eval_step(params, b, s.frozen) for b in s.eval_batches])
+      weight = sum(w for _, w, _ in sums)
+      loss = float(sum(x for x, _, _ in sums) / weight)
+      row = {"eval/loss": loss, **s.task.eval_row(loss)}
+      for key in sums[0][2]:
+        row[f"eval/{key}"] = float(sum(a[key] for _, _, a in sums) / weight)
+    if self.scoring:
+      row.update(self.scoring.row(s.tuning.model_params(params, s.frozen)))
     self.writer.write(step, row)
     log(f"step {step}/{s.config.train.steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
     return row
@@ -117,7 +123,7 @@ def loop(s: Setup, preempted, *, stop_after: int | None = None) -> dict:
     close()
     raise Preempted(f"stopped by SIGTERM before step {s.start_step + 1}, with nothing new to save; the same "
                     + (f"command resumes from checkpoint {s.start_step}" if s.start_step else "command starts the run again"))
-  if s.start_step == 0 and s.eval_batches:
+  if s.start_step == 0 and (s.eval_batches or steps.scoring):
     steps.evaluate(0, state.params)  # the baseline every later validation loss is compared with
   if s.start_step == 0 and s.source:
     _log_samples(s, state.params, "before training")
@@ -129,7 +135,7 @@ def loop(s: Setup, preempted, *, stop_after: int | None = None) -> dict:
     pending = (step, m)
     stop = preempted(step)  # every step, on every process: multi-process runs agree on the step to stop at
     save = step % t.checkpoint_every == 0 or step == t.steps or stop
-    evaluate = s.eval_batches and (step % t.eval_every == 0 or step == t.steps)
+    evaluate = (s.eval_batches or steps.scoring) and (step % t.eval_every == 0 or step == t.steps)
     if save or evaluate:  # a step's rows are written before its checkpoint: a resume from it lacks none
       steps.finish(*pending, state)
       pending = None
