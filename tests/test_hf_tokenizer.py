@@ -90,22 +90,27 @@ def test_transformers_renders_the_same_text_and_ids(family, corpus_dir, tmp_path
   assert list(ids) == chat.render(CONVERSATION, tok)[0]  # the spans tokenized apart: the same ids here
 
 
-def test_a_qwen2_shaped_import_is_fine_tuned_with_its_tokenizer_and_exported_back(corpus_dir, qa_jsonl, tmp_path):
-  """`jaxllm hf import` keeps tokenizer.json and the template; SFT renders the data with the template (the stop
-  token of its samples: <|im_end|>); `jaxllm hf export` writes the same tokenizer files and the trained weights."""
-  hf_dir = tmp_path / "qwen2"
-  tok = write_tokenizer(hf_dir, "qwen2", corpus_dir)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_an_import_is_fine_tuned_with_its_tokenizer_and_exported_back(family, corpus_dir, qa_jsonl, tmp_path):
+  """`jaxllm hf import` of a Qwen2-shaped (q/k/v biases, tied) or Llama-3-shaped (untied) model keeps
+  tokenizer.json and the template; SFT renders the data with the template (the stop token of its samples: the
+  family's end of turn); `jaxllm hf export` writes the same tokenizer files and the trained weights."""
+  hf_dir = tmp_path / family
+  tok = write_tokenizer(hf_dir, family, corpus_dir)
+  qwen = family == "qwen2"
   cfg = model.ModelConfig(vocab_size=320, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                          mlp_dim=64, qkv_bias=True, tie_embeddings=True)
+                          mlp_dim=64, qkv_bias=qwen, tie_embeddings=qwen)
   params = model.init(cfg, __import__("jax").random.key(0))
-  hf.save(str(hf_dir), cfg, params, hf_config={"model_type": "qwen2", "eos_token_id": tok.eos_id})
+  hf.save(str(hf_dir), cfg, params, hf_config={"model_type": "qwen2" if qwen else "llama", "eos_token_id": tok.eos_id})
   imported = str(tmp_path / "imported")
   assert cli.main(["hf", "import", "--hf", str(hf_dir), "--out", imported]) == 0
   assert sorted(os.listdir(imported)) == ["checkpoints", "config.json", "tokenizer.json", "tokenizer_config.json"]
 
   run = str(tmp_path / "sft")
-  c = sft_config(corpus_dir, qa_jsonl, imported, **{"train.steps": 6, "train.eval_every": 3, "train.num_samples": 1, "train.seq_len": 96,
-                                                   "model.qkv_bias": True, "optimizer.learning_rate": 3e-3})
+  c = sft_config(corpus_dir, qa_jsonl, imported, **{"train.steps": 4, "train.eval_every": 2, "train.seq_len": 96,
+                                                   "train.num_samples": int(qwen), "train.checkpoint_every": 4,
+                                                   "model.qkv_bias": qwen, "model.tie_embeddings": qwen,
+                                                   "optimizer.learning_rate": 3e-3})
   train.run(c, run)
   rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
   losses = [r["eval/loss"] for r in rows if "eval/loss" in r]
@@ -116,7 +121,7 @@ def test_a_qwen2_shaped_import_is_fine_tuned_with_its_tokenizer_and_exported_bac
   assert cli.main(["hf", "export", "--workdir", run, "--out", out]) == 0
   for name in ("tokenizer.json", "tokenizer_config.json"):
     assert json.load(open(os.path.join(out, name))) == json.load(open(os.path.join(hf_dir, name)))
-  assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "qwen2"
+  assert json.load(open(os.path.join(out, "config.json")))["model_type"] == ("qwen2" if qwen else "llama")
   _, exported = hf.load(out)
   _, trained, _ = runs.load_run(run)
   for a, b in zip(__import__("jax").tree.leaves(exported), __import__("jax").tree.leaves(trained)):
