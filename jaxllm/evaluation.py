@@ -63,9 +63,15 @@ def rolling_windows(n: int, max_length: int) -> list[tuple[int, int, int]]:
 
 
 class Scorer:
-  def __init__(self, cfg: model_lib.ModelConfig, params, tokenizer, *, max_length: int = 512, batch_size: int = 16):
-    self.cfg, self.params, self.tok = cfg, params, tokenizer
-    self.max_length, self.batch_size = max_length, batch_size
+  """The three requests of lm-evaluation-harness over a model. With a `mesh` (e.g. generate.rows_mesh(): the
+  process's devices), the params are replicated on it and every batch's rows split over its devices (batch_size
+  rounded up to a multiple of its size); the numbers are those of one device."""
+
+  def __init__(self, cfg: model_lib.ModelConfig, params, tokenizer, *, max_length: int = 512, batch_size: int = 16,
+               mesh=None):
+    self.cfg, self.tok, self.mesh = cfg, tokenizer, mesh
+    self.params = None if params is None else generate.replicate(params, mesh)
+    self.max_length, self.batch_size = max_length, generate.pad_rows(batch_size, mesh)
     self._stop_pieces: dict[tuple[str, ...], list[int]] = {}
 
   @classmethod
@@ -102,7 +108,8 @@ class Scorer:
         n = len(ids) - 1
         inputs[r, :n], targets[r, :n] = ids[:-1], ids[1:]
         mask[r, n - min(scored, n):n] = 1.0
-      logp, greedy = jax.device_get(_score(self.cfg, self.params, inputs, targets, mask))
+      logp, greedy = jax.device_get(_score(self.cfg, self.params, *generate.put_rows((inputs, targets, mask),
+                                                                                      self.mesh)))
       for r, i in enumerate(chunk):
         out[i] = (float(logp[r]), bool(greedy[r]))
     return out
@@ -157,7 +164,7 @@ class Scorer:
       rows += [[self.tok.bos_id]] * (self.batch_size - len(rows))
       new = generate.generate(self.cfg, self.params, rows, max_new_tokens=max_tokens, rng=jax.random.key(0),
                               temperature=0.0, stop_ids=ends + tuple(self.stop_pieces(stop)),
-                              vocab_limit=self.tok.vocab_size, prompt_slots=slots)
+                              vocab_limit=self.tok.vocab_size, prompt_slots=slots, mesh=self.mesh)
       for i, ids in zip(chunk, new):
         ids = ids[:next((k for k, t in enumerate(ids) if t in ends), len(ids))]
         out[i] = cut(self.tok.decode(ids), stop)
@@ -461,7 +468,8 @@ def main(argv: list[str]) -> int:
     raise ConfigError("jaxllm eval: give --run DIR and --tasks A,B (or --list)")
   names = check_names(args.tasks)
   extra = {"max_length": args.max_length} if args.max_length else {}
-  scorer = Scorer.from_run(args.run, args.step, batch_size=args.batch_size, **extra)
+  mesh = generate.rows_mesh() if jax.local_device_count() > 1 else None  # rows split over the process's devices
+  scorer = Scorer.from_run(args.run, args.step, batch_size=args.batch_size, mesh=mesh, **extra)
   rows = []
   for name in names:
     start = time.time()
