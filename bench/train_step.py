@@ -2,7 +2,7 @@
 
   python bench/train_step.py [--size tiny] [--steps 20] [--batch 16] [--seq 128]
 
-MFU is model FLOPs (6N + attention, model.flops_per_token) per second over a measured matmul peak of this
+MFU is model FLOPs (6N + causal attention, model.flops_per_token) per second over a measured matmul peak of this
 device (metrics.measure_peak_flops), so rows are comparable with each other on the same machine.
 """
 

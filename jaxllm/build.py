@@ -46,7 +46,7 @@ class Setup:
   meta: dict                      # saved with every checkpoint: tokenizer hash, model, init_from fingerprint
   skipped: Any                    # sources.BadRecords of the records skipped (data.on_bad_record=skip), or None
   flops_per_token: float
-  peak_flops: float               # measured matmul FLOP/s of all devices: MFU's denominator
+  peak_flops: float               # FLOP/s of all devices (a GPU's datasheet, else measured): MFU's denominator
   source: tuple | None            # (run dir, step) of init_from
 
   def data_counters(self) -> dict:
@@ -120,11 +120,12 @@ def build(config, workdir: str, devices=None) -> Setup:
     checkpointer.close_after_error()
     raise
 
-  peak = metrics_lib.measure_peak_flops(model_cfg.dtype) * len(devices)
+  peak, how = metrics_lib.peak_flops(model_cfg.dtype)
+  peak *= len(devices)
   n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
   log(f"model {config.model.size}: {model_lib.num_params(model_cfg) / 1e6:.2f}M params ({n_trainable / 1e6:.3f}M "
-      f"trained), vocab {model_cfg.vocab_size}; mesh {dict(mesh.shape)}; measured peak {peak / 1e9:.1f} GFLOP/s "
-      f"({model_cfg.dtype})")
+      f"trained), vocab {model_cfg.vocab_size}; mesh {dict(mesh.shape)}; MFU against the {how} peak "
+      f"{peak / 1e9:,.1f} GFLOP/s" + (f" ({model_cfg.dtype} matmul)" if how == "measured" else " (bf16 dense)"))
 
   lr_schedule = optim.schedule(config.optimizer, t.steps)
   train_step = sharding.with_rules(jax.jit(
@@ -140,7 +141,9 @@ def build(config, workdir: str, devices=None) -> Setup:
                train_step=train_step, eval_step=eval_step,
                put_batch=lambda b: sharding.put_batch(task.device_batch(b), batch_sharding),
                checkpointer=checkpointer, meta=meta, skipped=skipped,
-               flops_per_token=model_lib.flops_per_token(model_cfg, t.seq_len), peak_flops=peak, source=source)
+               flops_per_token=model_lib.flops_per_token(model_cfg, t.seq_len, frozen_weights=bool(tuning.name),
+                                                         reference=task.reference_in_step()),
+               peak_flops=peak, source=source)
 
 
 def _restore_or_init(config, workdir, checkpointer, tuning, init, rng, state_sharding, data_iter, meta, frozen,

@@ -82,6 +82,25 @@ class Progress:
     return " | ".join(parts)
 
 
+# Dense bfloat16 peak FLOP/s of a GPU, from its datasheet: the denominator of MFU on a GPU, as MaxText and torchtitan
+# report it (whatever the compute dtype: a float32 run is measured against the bf16 peak it gives up).
+DATASHEET_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def datasheet_peak(device_kind: str) -> float | None:
+  """The datasheet peak of a GPU named `device_kind` ("NVIDIA H100 80GB HBM3"), or None for another device."""
+  return next((v for k, v in DATASHEET_PEAK.items() if k.lower() in device_kind.lower()), None)
+
+
+def peak_flops(dtype: str = "float32") -> tuple[float, str]:
+  """(FLOP/s of one device, how it was known): a GPU's datasheet bf16 peak ("datasheet") when known, else a
+  matmul measured here in `dtype` ("measured", on CPU and unknown GPUs)."""
+  dev = jax.devices()[0]
+  if dev.platform == "gpu" and (peak := datasheet_peak(dev.device_kind)):
+    return peak, "datasheet"
+  return measure_peak_flops(dtype), "measured"
+
+
 def measure_peak_flops(dtype: str = "float32", n: int | None = None, seconds: float = 0.3, trials: int = 3) -> float:
   """FLOP/s of a large square matmul on the default device, in `dtype`: the denominator of MFU.
   The best of `trials` timed windows of about `seconds` each; measured once per process and setting (a second

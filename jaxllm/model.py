@@ -262,6 +262,10 @@ class Attention(nn.Module):
     k_BxSxKxE, v_BxSxKxE = proj_kv(name="k")(x_BxTxD), proj_kv(name="v")(x_BxTxD)
     q_BxTxHxE = rope(q_BxTxHxE, positions_BxT, c.rope_theta, c.rope_scaling)
     k_BxSxKxE = rope(k_BxSxKxE, positions_BxT, c.rope_theta, c.rope_scaling)
+    # Keys and values whole along the sequence: with the queries split over mesh.context, each device gathers
+    # the row's keys and values (this layer's, K/t heads) and its queries see all of them, exactly.
+    k_BxSxKxE, v_BxSxKxE = (nn.with_logical_constraint(x, ("batch", None, "kv_heads", "head_dim"))
+                            for x in (k_BxSxKxE, v_BxSxKxE))
 
     b, t = q_BxTxHxE.shape[:2]
     q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
@@ -466,11 +470,23 @@ def num_params(cfg: ModelConfig) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward), PaLM appendix B: 6·N + 12·L·H·E·T.
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, frozen_weights: bool = False,
+                    reference: bool = False) -> float:
+  """Model FLOPs per token of a training step (remat's recomputation not counted, as MFU counts them), PaLM
+  appendix B with causal attention counted as half (as MaxText and torchtitan count it):
 
-  N counts every matmul weight, the logits projection included and the embedding lookup excluded.
+    forward    2·N + 2·L·H·E·T     (N: the matmul weights, logits included, the embedding lookup excluded;
+                                    attention's q·k and p·v over the T/2 earlier keys a token sees on average)
+    full       3 × forward         (the backward pass: activation and weight gradients, each a forward's worth)
+    frozen_weights  forward + 2·N + 2·(2·L·H·E·T)  (a frozen base, LoRA / prompt / prefix: no weight gradient;
+                                    the adapters' own few FLOPs are left out)
+    reference  + forward           (a preference step that runs the frozen reference on the same tokens)
   """
-  embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-  n = num_params(cfg) - embeddings + cfg.vocab_size * cfg.d_model
-  return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  c = cfg
+  per_layer = 2 * c.d_model * c.num_heads * c.head_dim + 2 * c.d_model * c.num_kv_heads * c.head_dim \
+      + 3 * c.d_model * c.mlp_dim  # q and o, k and v, gate, up and down (norms and biases are not matmuls)
+  n = c.num_layers * per_layer + c.vocab_size * c.d_model
+  attention = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len  # 4·L·H·E·T halved: causal
+  forward = 2 * n + attention
+  train = forward + 2 * n + 2 * attention if frozen_weights else 3 * forward
+  return train + (forward if reference else 0)

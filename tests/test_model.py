@@ -188,3 +188,26 @@ def test_every_param_has_logical_axes():
     assert all(name in model_lib.AXES for name in spec), (jax.tree_util.keystr(path), spec)
   assert flat_axes[next(p for p in flat_axes if "embedding" in jax.tree_util.keystr(p))] == \
       jax.sharding.PartitionSpec("vocab", "embed")
+
+
+def test_flops_per_token_by_hand():
+  """Matmul weights by hand; causal attention counted as half; a frozen base skips the weight gradients (a
+  forward's worth); a reference adds a forward."""
+  c, t = CFG, 64
+  n = c.num_layers * (c.d_model * c.num_heads * c.head_dim * 2 + 2 * c.d_model * c.num_kv_heads * c.head_dim
+                      + 3 * c.d_model * c.mlp_dim) + c.vocab_size * c.d_model  # q, o, k, v, gate/up/down, logits
+  forward = 2 * n + 4 * c.num_layers * c.num_heads * c.head_dim * t / 2
+  assert model_lib.flops_per_token(c, t) == pytest.approx(3 * forward)
+  assert model_lib.flops_per_token(c, t, frozen_weights=True) == pytest.approx(3 * forward - 2 * n)
+  assert model_lib.flops_per_token(c, t, reference=True) == pytest.approx(4 * forward)
+  tied = dataclasses.replace(c, tie_embeddings=True)  # one matrix, still a logits matmul
+  assert model_lib.flops_per_token(tied, t) == pytest.approx(3 * forward)
+
+
+def test_mfu_peak_is_the_datasheet_on_known_gpus():
+  from jaxllm import metrics
+  assert metrics.datasheet_peak("NVIDIA H100 80GB HBM3") == 989e12
+  assert metrics.datasheet_peak("NVIDIA H200") == 989e12 and metrics.datasheet_peak("NVIDIA A100-SXM4-80GB") == 312e12
+  assert metrics.datasheet_peak("cpu") is None
+  peak, how = metrics.peak_flops()  # this CPU: measured
+  assert how == "measured" and peak > 0

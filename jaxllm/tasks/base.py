@@ -109,6 +109,10 @@ class Task:
               log=print):
     """Work done once before the first step, given the frozen trees (`reference_params()`: the reference's)."""
 
+  def reference_in_step(self) -> bool:
+    """Whether the step runs the frozen reference model on its tokens (for the FLOPs MFU counts)."""
+    return False
+
   def tokens_per_step(self) -> int:
     t = self.config.train
     return t.batch_size * t.seq_len * self.sequences_per_row

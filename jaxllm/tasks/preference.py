@@ -113,6 +113,9 @@ class Preference(Task):
       out.update({f"ref_{side}_logps": cached[index] for side, cached in zip(self.sides, self.cached)})
     return out
 
+  def reference_in_step(self):
+    return self.needs_reference and not self.config.dpo.cache_reference
+
   def example(self, record, tokenizer):
     """One record's row, as the pipeline makes it (for the reference cache)."""
     return preference.make_pair_example(record, tokenizer, seq_len=self.config.train.seq_len,
