@@ -42,6 +42,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.train.grad_accum = 1                  # micro-batches per step (batch_size must divide)
   c.train.seq_len = 256                   # tokens per sequence
   c.train.z_loss = 0.0                    # weight of logsumexp² (PaLM uses 1e-4)
+  c.train.loss_chunk = -1                 # tokens per chunk of a cross-entropy that never holds [batch, seq,
+                                          # vocab] logits (0 = dense; -1 = 4096 once they would pass 1 GiB)
   c.train.log_every = 10                  # steps between metrics rows
   c.train.eval_every = 200                # steps between validation passes (and at the end)
   c.train.eval_batches = 8                # validation batches per pass (0 = no eval)

@@ -24,6 +24,28 @@ def token_losses(logits_BxTxV, targets_BxT, *, z_loss: float = 0.0):
   return loss_BxT
 
 
+def chunked_token_losses(hidden_BxTxD, w_DxV, targets_BxT, *, chunk: int, z_loss: float = 0.0):
+  """token_losses of the logits hidden · w, float32 [B, T], without ever holding [B, T, V] logits: the tokens go
+  through in chunks of `chunk` (the last padded), each chunk's [chunk, V] logits made, reduced to its losses and
+  dropped, and made again in the backward pass (jax.checkpoint), which then needs only the hidden states. The
+  matmul is in the hidden states' dtype, as the model's own logits."""
+  b, t, d = hidden_BxTxD.shape
+  n = b * t
+  pad = -n % chunk
+  h_NxD = jnp.pad(hidden_BxTxD.reshape(n, d), ((0, pad), (0, 0)))
+  targets_N = jnp.pad(targets_BxT.reshape(n), (0, pad))
+  w = w_DxV.astype(hidden_BxTxD.dtype)
+
+  @jax.checkpoint
+  def one(args):
+    h_CxD, t_C = args
+    logits_CxV = (h_CxD @ w).astype(jnp.float32)
+    return token_losses(logits_CxV[None], t_C[None], z_loss=z_loss)[0]
+
+  losses_N = jax.lax.map(one, (h_NxD.reshape(-1, chunk, d), targets_N.reshape(-1, chunk))).reshape(-1)
+  return losses_N[:n].reshape(b, t)
+
+
 def next_token_loss_sum(logits_BxTxV, targets_BxT, mask_BxT, *, z_loss: float = 0.0):
   """(Σ mask·loss, Σ mask). `targets` are the inputs shifted by one (the data pipeline does the shift)."""
   mask_BxT = mask_BxT.astype(jnp.float32)

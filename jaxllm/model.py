@@ -321,7 +321,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, cache: KVCache | None = None,
-               prefix=None, embeddings_BxTxD=None):
+               prefix=None, embeddings_BxTxD=None, hidden_only: bool = False):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, t = tokens_BxT.shape if embeddings_BxTxD is None else embeddings_BxTxD.shape[:2]
     start = 0 if cache is None else cache.index
@@ -363,6 +363,8 @@ class Transformer(nn.Module):
         kv = tuple(jnp.stack([layer_kv[j] for layer_kv in new_kv]) for j in range(2))
 
     x_BxTxD = RMSNorm(c.norm_eps, dt, name="final_norm")(x_BxTxD)
+    if hidden_only:  # the final hidden states; the caller applies output_matrix (losses.chunked_token_losses)
+      return x_BxTxD
     if c.tie_embeddings:
       # on [tokens, D]: a 2-D matmul, as in flat_matmul
       logits_BxTxV = embed.attend(x_BxTxD.reshape(b * t, -1).astype(dt)).reshape(b, t, -1)
@@ -418,6 +420,19 @@ def forward(cfg: ModelConfig, params: Params, tokens_BxT, segment_ids_BxT=None, 
   prompt or prefix in `params`, every document sees it, and positions start at its length P."""
   params, prefix = split_prefix(cfg, params)
   return Transformer(cfg).apply({"params": params}, tokens_BxT, segment_ids_BxT, positions_BxT, prefix=prefix)
+
+
+def hidden(cfg: ModelConfig, params: Params, tokens_BxT, segment_ids_BxT=None, positions_BxT=None):
+  """The final (normed) hidden states [B, T, D] in the compute dtype: forward's logits are
+  hidden · output_matrix(cfg, params), cast to float32."""
+  params, prefix = split_prefix(cfg, params)
+  return Transformer(cfg).apply({"params": params}, tokens_BxT, segment_ids_BxT, positions_BxT, prefix=prefix,
+                                hidden_only=True)
+
+
+def output_matrix(cfg: ModelConfig, params: Params):
+  """The [D, V] matrix of the logits: the embedding's transpose when tied, else lm_head's kernel."""
+  return params["embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
 
 
 def forward_with_cache(cfg: ModelConfig, params: Params, tokens_BxT, cache: KVCache, segment_ids_BxT=None,

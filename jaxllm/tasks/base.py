@@ -12,17 +12,19 @@ train ("reference": the preference reference); `rng` is the step's key (dropout)
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import grain
 import jax
 import numpy as np
 
-from jaxllm import generate, model as model_lib
+from jaxllm import generate, lora, model as model_lib
 from jaxllm.data import chat, sources
 from jaxllm.errors import ConfigError
 
 LossFn = Callable[[Any, dict, dict, Any], tuple]
+AUTO_CHUNK, AUTO_CHUNK_BYTES = 4096, 2 ** 30  # train.loss_chunk=-1: chunks of 4096 tokens past 1 GiB of logits
 
 
 def check(cond: bool, key: str, message: str):
@@ -108,6 +110,27 @@ class Task:
   def prepare(self, model_cfg, reference_params, train_source, tokenizer, workdir: str, reference_fingerprint,
               log=print):
     """Work done once before the first step, given the frozen trees (`reference_params()`: the reference's)."""
+
+  def loss_chunk(self, model_cfg: model_lib.ModelConfig) -> int:
+    """Tokens per chunk of the chunked cross-entropy (losses.chunked_token_losses), or 0 for the dense logits:
+    train.loss_chunk, or with -1 (auto) AUTO_CHUNK when a micro-batch's float32 logits would pass
+    AUTO_CHUNK_BYTES. Never with a LoRA delta on the logits' matrix on the unmerged path (its A·B rides inside the
+    model, which the chunked loss does not run): auto falls back to dense there, an explicit value is refused."""
+    t = self.config.get("train")
+    if t is None:  # a bare config (tests of a task's loss alone): the dense logits
+      return 0
+    chunk, auto = t.get("loss_chunk", -1), t.get("loss_chunk", -1) < 0
+    if auto:
+      logits = t.batch_size // t.grad_accum * t.seq_len * self.sequences_per_row * model_cfg.vocab_size * 4
+      chunk = AUTO_CHUNK if logits > AUTO_CHUNK_BYTES else 0
+    lc = self.config.get("lora")
+    if chunk and lc and lc.enabled and not lc.merged and any(
+        re.search(p, path) for _, group in lora.resolve_targets(lc.targets) for p in group
+        for path in ("embed/embedding", "lm_head/kernel")):
+      check(auto, "train.loss_chunk", "the chunked loss reads the logits' matrix without the LoRA delta that "
+            "lora.targets puts on it (unmerged path); set lora.merged=True, or train.loss_chunk=0")
+      return 0
+    return chunk
 
   def reference_in_step(self) -> bool:
     """Whether the step runs the frozen reference model on its tokens (for the FLOPs MFU counts)."""

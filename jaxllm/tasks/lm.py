@@ -4,6 +4,8 @@ padding and across documents), for SFT 1 on answers and data.prompt_loss_weight 
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from jaxllm import losses, model as model_lib
 from jaxllm.data import chat, pipeline, sft, sources
 from jaxllm.tasks.base import Task, check, perplexity
@@ -14,14 +16,28 @@ def logits(model_cfg: model_lib.ModelConfig, params, batch: dict, prefix: str = 
                            batch[prefix + "positions"])
 
 
-def next_token_loss_fn(model_cfg: model_lib.ModelConfig, z_loss: float = 0.0):
-  """(params, batch, frozen, rng) -> (Σ weighted token losses, (Σ weights, {})), weights from batch["loss_mask"]."""
+def chunked_token_losses(model_cfg: model_lib.ModelConfig, params, batch: dict, chunk: int, prefix: str = "",
+                         z_loss: float = 0.0):
+  """[B, T] next-token losses of a batch's rows without their [B, T, V] logits (losses.chunked_token_losses)."""
+  hidden_BxTxD = model_lib.hidden(model_cfg, params, batch[prefix + "inputs"], batch[prefix + "segment_ids"],
+                                  batch[prefix + "positions"])
+  return losses.chunked_token_losses(hidden_BxTxD, model_lib.output_matrix(model_cfg, params),
+                                     batch[prefix + "targets"], chunk=chunk, z_loss=z_loss)
+
+
+def next_token_loss_fn(model_cfg: model_lib.ModelConfig, z_loss: float = 0.0, chunk: int = 0):
+  """(params, batch, frozen, rng) -> (Σ weighted token losses, (Σ weights, {})), weights from batch["loss_mask"];
+  with `chunk`, the chunked cross-entropy (no [B, T, V] logits)."""
 
   def loss_fn(params, batch, frozen=None, rng=None):
     del frozen, rng
-    total, weight = losses.next_token_loss_sum(logits(model_cfg, params, batch), batch["targets"],
-                                               batch["loss_mask"], z_loss=z_loss)
-    return total, (weight, {})
+    if not chunk:
+      total, weight = losses.next_token_loss_sum(logits(model_cfg, params, batch), batch["targets"],
+                                                 batch["loss_mask"], z_loss=z_loss)
+      return total, (weight, {})
+    mask_BxT = batch["loss_mask"].astype(jnp.float32)
+    loss_BxT = chunked_token_losses(model_cfg, params, batch, chunk, z_loss=z_loss)
+    return jnp.sum(jnp.where(mask_BxT > 0, loss_BxT, 0.0) * mask_BxT), (jnp.sum(mask_BxT), {})
 
   return loss_fn
 
@@ -40,10 +56,10 @@ class Pretrain(Task):
     return pipeline.pretrain_dataset(source, tokenizer, **common)
 
   def loss_fn(self, model_cfg):
-    return next_token_loss_fn(model_cfg, self.config.train.z_loss)
+    return next_token_loss_fn(model_cfg, self.config.train.z_loss, self.loss_chunk(model_cfg))
 
   def eval_fn(self, model_cfg):
-    return next_token_loss_fn(model_cfg)  # the plain cross-entropy, without z-loss
+    return next_token_loss_fn(model_cfg, chunk=self.loss_chunk(model_cfg))  # the plain cross-entropy, no z-loss
 
   def eval_row(self, loss):
     return {"eval/perplexity": perplexity(loss)}

@@ -24,23 +24,29 @@ import numpy as np
 from jaxllm import losses, model as model_lib
 from jaxllm.data import chat, preference, sft
 from jaxllm.tasks.base import Task, check
-from jaxllm.tasks.lm import logits
+from jaxllm.tasks.lm import chunked_token_losses, logits
 
 
-def side_logps(model_cfg: model_lib.ModelConfig, params, batch, *, sides, normalised: bool = False):
+def side_logps(model_cfg: model_lib.ModelConfig, params, batch, *, sides, normalised: bool = False,
+               chunk: int = 0):
   """One [B] answer log-prob per side of a batch (the `{side}_` rows), all sides in one forward pass; summed over
-  answer tokens, or averaged with `normalised`."""
+  answer tokens, or averaged with `normalised`; with `chunk`, through the chunked cross-entropy (no logits)."""
   rows = {k: jnp.concatenate([batch[f"{side}_{k}"] for side in sides]) for k in preference.FEATURES}
-  per_seq = losses.mean_sequence_logprobs if normalised else losses.sequence_logprobs
-  out_SB = per_seq(logits(model_cfg, params, rows), rows["targets"], rows["loss_mask"])
+  if chunk:
+    out_SB = -jnp.sum(chunked_token_losses(model_cfg, params, rows, chunk) * rows["loss_mask"], axis=-1)
+    if normalised:
+      out_SB = out_SB / jnp.maximum(losses.answer_lengths(rows["loss_mask"]), 1e-8)
+  else:
+    per_seq = losses.mean_sequence_logprobs if normalised else losses.sequence_logprobs
+    out_SB = per_seq(logits(model_cfg, params, rows), rows["targets"], rows["loss_mask"])
   return tuple(jnp.split(out_SB, len(sides)))
 
 
-def pair_logps(model_cfg: model_lib.ModelConfig, kind: str, params, batch):
+def pair_logps(model_cfg: model_lib.ModelConfig, kind: str, params, batch, chunk: int = 0):
   """([B] chosen, [B] rejected) answer log-probs of a preference batch, both sides in one forward pass; summed
   over answer tokens, or averaged for a length-normalised kind."""
   return side_logps(model_cfg, params, batch, sides=preference.SIDES,
-                    normalised=losses.PREFERENCE_LOSSES[kind].length_normalised)
+                    normalised=losses.PREFERENCE_LOSSES[kind].length_normalised, chunk=chunk)
 
 
 class Preference(Task):
@@ -125,7 +131,7 @@ class Preference(Task):
 
   def loss_fn(self, model_cfg):
     d = self.config.dpo
-    logps = functools.partial(pair_logps, model_cfg, d.kind)
+    logps = functools.partial(pair_logps, model_cfg, d.kind, chunk=self.loss_chunk(model_cfg))
     needs_reference, normalised = self.needs_reference, self.kind.length_normalised
 
     def loss_fn(params, batch, frozen, rng=None):
@@ -240,14 +246,16 @@ class KTO(Preference):
     weights = dict(beta=d.beta, desirable_weight=d.get("kto_desirable_weight", 1.0),
                    undesirable_weight=d.get("kto_undesirable_weight", 1.0))
 
+    logps = functools.partial(side_logps, model_cfg, chunk=self.loss_chunk(model_cfg))
+
     def loss_fn(params, batch, frozen, rng=None):
       del rng
-      (policy,) = side_logps(model_cfg, params, batch, sides=("completion",))
-      (policy_kl,) = jax.lax.stop_gradient(side_logps(model_cfg, params, batch, sides=("kl",)))
+      (policy,) = logps(params, batch, sides=("completion",))
+      (policy_kl,) = jax.lax.stop_gradient(logps(params, batch, sides=("kl",)))
       if "ref_completion_logps" in batch:  # precomputed once over the dataset (dpo.cache_reference)
         ref, ref_kl = batch["ref_completion_logps"], batch["ref_kl_logps"]
       else:
-        ref, ref_kl = jax.lax.stop_gradient(side_logps(model_cfg, frozen["reference"], batch, sides=self.sides))
+        ref, ref_kl = jax.lax.stop_gradient(logps(frozen["reference"], batch, sides=self.sides))
       total, count, sums = losses.kto_loss_sum(policy, ref, policy_kl, ref_kl, batch["label"], **weights)
       return total, (count, sums)
 
