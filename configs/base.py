@@ -21,6 +21,7 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"               # compute dtype (params stay float32): float32 | bfloat16
   c.model.scan_layers = True              # nn.scan over layers: one compiled layer, fast compiles
   c.model.remat_policy = "none"           # none | full | dots | dots_no_batch | save_attn_out
+  c.model.attention = "einsum"            # einsum | dot_product (jax.nn.dot_product_attention: cuDNN on GPU)
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = "stdlib"               # "stdlib" (Python's own sources, no download) or globs of .txt/.jsonl

@@ -56,6 +56,8 @@ class ModelConfig:
   dtype: str = "float32"           # compute dtype; params are always float32
   scan_layers: bool = True         # nn.scan over layers (one compiled layer) or a Python loop
   remat_policy: str = "none"       # none | full | dots | dots_no_batch | save_attn_out
+  attention: str = "einsum"        # einsum (XLA einsums, explicit mask) | dot_product (jax.nn.dot_product_attention:
+                                   # cuDNN's fused attention on GPU where it applies, XLA elsewhere)
 
   def __post_init__(self):
     # a dict or a JSON list of pairs -> sorted pairs: hashable, so the config stays a jit static argument
@@ -72,6 +74,8 @@ class ModelConfig:
                        f"model.num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"model.attention={self.attention!r}; choose from {ATTENTIONS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"model.remat_policy={self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
 
@@ -111,6 +115,8 @@ def model_config(size: str, **overrides) -> ModelConfig:
 ROPE_SCALINGS = ("linear", "llama3")
 ROPE_SCALING_KEYS = {"linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+ATTENTIONS = ("einsum", "dot_product")
 
 REMAT_POLICIES = {
     "none": None,
@@ -268,6 +274,16 @@ class Attention(nn.Module):
                             for x in (k_BxSxKxE, v_BxSxKxE))
 
     b, t = q_BxTxHxE.shape[:2]
+
+    def output(out_BxTxHxE):
+      out_BxTxHxE = checkpoint_name(out_BxTxHxE, "attn_out")
+      out_BxTxHxE = nn.with_logical_constraint(out_BxTxHxE, ("batch", "length", "heads", "head_dim"))
+      return Projection("bthe,hed->btd", (h, e, d), ("heads", "head_dim", "embed"), h * e, dt, name="o")(out_BxTxHxE)
+
+    if c.attention == "dot_product" and kv is None:  # the fused op (no cache, no prefix): the same mask, GQA
+      out_BxTxHxE = jax.nn.dot_product_attention(q_BxTxHxE, k_BxSxKxE.astype(dt), v_BxSxKxE,
+                                                 mask=mask_Bx1x1xTxS[:, 0])
+      return output(out_BxTxHxE), kv
     q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
     scores = lambda keys_BxSxKxE: jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, keys_BxSxKxE.astype(dt),
                                              preferred_element_type=jnp.float32) / math.sqrt(e)
@@ -280,10 +296,7 @@ class Attention(nn.Module):
     if kv is not None:
       out_BxTxKxGxE = out_BxTxKxGxE + jnp.einsum("bkgts,bske->btkge", probs[..., :-t], kv[1].astype(dt))
       kv = (k_BxSxKxE, v_BxSxKxE)
-    out_BxTxHxE = checkpoint_name(out_BxTxKxGxE.reshape(b, t, h, e), "attn_out")
-    out_BxTxHxE = nn.with_logical_constraint(out_BxTxHxE, ("batch", "length", "heads", "head_dim"))
-    out_BxTxD = Projection("bthe,hed->btd", (h, e, d), ("heads", "head_dim", "embed"), h * e, dt, name="o")(out_BxTxHxE)
-    return out_BxTxD, kv
+    return output(out_BxTxKxGxE.reshape(b, t, h, e)), kv
 
 
 class MLP(nn.Module):

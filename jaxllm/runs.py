@@ -63,7 +63,7 @@ def resolved_config(config, model_cfg: model_lib.ModelConfig) -> dict:
 # and train.steps: where the run ends (the schedule follows the new length). Any other changed key is refused.
 MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
               "train.keep_checkpoints", "train.num_samples", "train.sample_tokens", "train.sample_prompts",
-              "train.grad_accum", "train.nan_policy", "mesh.", "model.remat_policy", "lora.merged",
+              "train.grad_accum", "train.nan_policy", "mesh.", "model.remat_policy", "model.attention", "lora.merged",
               "dpo.cache_reference", "data.on_bad_record", "data.max_bad_fraction", "eval.")
 
 
@@ -132,7 +132,7 @@ def model_for(config, run_dir: str | None, vocab_size: int) -> model_lib.ModelCo
   else:
     fields = dict(fields["model"])
   for key, value in model_overrides(config).items():
-    if key in ("dtype", "scan_layers", "remat_policy"):
+    if key in ("dtype", "scan_layers", "remat_policy", "attention"):
       fields[key] = value
     elif value is not None and value != fields[key]:
       raise ConfigError(f"model.{key}: {value} differs from {fields[key]} in the run init_from names ({run_dir})")

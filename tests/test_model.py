@@ -211,3 +211,17 @@ def test_mfu_peak_is_the_datasheet_on_known_gpus():
   assert metrics.datasheet_peak("cpu") is None
   peak, how = metrics.peak_flops()  # this CPU: measured
   assert how == "measured" and peak > 0
+
+
+def test_dot_product_attention_equals_the_einsums(params, fwd):
+  """model.attention=dot_product (jax.nn.dot_product_attention) on a packed row with padding: logits and
+  gradients of the einsum path."""
+  cfg = dataclasses.replace(CFG, attention="dot_product")
+  tokens = _tokens(5, (2, 10))
+  segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0], [1] * 10])
+  positions = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0], list(range(10))])
+  np.testing.assert_allclose(fwd(cfg, params, tokens, segments, positions), fwd(CFG, params, tokens, segments, positions),
+                             atol=1e-5, rtol=1e-5)
+  loss = lambda c: lambda p: jnp.sum(model_lib.forward(c, p, tokens, segments, positions)[..., :3] ** 2)
+  for g, w in zip(jax.tree.leaves(jax.grad(loss(cfg))(params)), jax.tree.leaves(jax.grad(loss(CFG))(params))):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
