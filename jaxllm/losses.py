@@ -31,6 +31,7 @@ def chunked_token_losses(hidden_BxTxD, w_DxV, targets_BxT, *, chunk: int, z_loss
   matmul is in the hidden states' dtype, as the model's own logits."""
   b, t, d = hidden_BxTxD.shape
   n = b * t
+  chunk = min(chunk, n)
   pad = -n % chunk
   h_NxD = jnp.pad(hidden_BxTxD.reshape(n, d), ((0, pad), (0, 0)))
   targets_N = jnp.pad(targets_BxT.reshape(n), (0, pad))
