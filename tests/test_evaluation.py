@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import cli, evaluation, metrics as metrics_lib, model, train
+from configs import sft_tiny
+from jaxllm import cli, evaluation, metrics as metrics_lib, model, runs, train
 from jaxllm.data import chat, sft
 from jaxllm.data.sources import DataError
 from jaxllm.errors import ConfigError
-from tests.conftest import sft_config, tiny_config
+from tests.conftest import set_fields, sft_config, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +243,35 @@ def test_an_unknown_eval_task_is_refused_before_any_data_is_read(corpus_dir, tmp
   with pytest.raises(ConfigError, match="eval.tasks: 'nope' is neither an embedded task"):
     train.run(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(os.environ.get("JAXLLM_SLOW_TESTS") != "1",
+                    reason="slow (1-2 min on 2 CPU cores, past CI's budget): run it with JAXLLM_SLOW_TESTS=1 pytest "
+                           "tests/test_evaluation.py -k beats_chance")
+def test_sft_on_chatterbot_beats_chance_on_answer_selection(tmp_path):
+  """Masked SFT from scratch on chatterbot English (configs/sft_tiny.py's data; D=64, 2 layers, V=512, 600 steps
+  of 16 rows of 64 tokens) scores acc_mutual_info on chatterbot_mc_en at least 3 binomial standard deviations above
+  chance, and the same model untrained (fresh params, the run's tokenizer) within 2 of it. Chance is the mean of
+  1/len(choices) over the items. Slow: it runs only with JAXLLM_SLOW_TESTS=1 (numbers: bench/RESULTS.md)."""
+  c = set_fields(sft_tiny.get_config(), **{
+      "init_from": "", "data.sources": "chatterbot:english", "data.tokenizer.vocab_size": 512,
+      "model.d_model": 64, "model.num_layers": 2, "model.mlp_dim": 128, "model.num_heads": 2,
+      "model.num_kv_heads": 1, "model.head_dim": 32, "model.remat_policy": "none",
+      "train.steps": 600, "train.batch_size": 16, "train.seq_len": 64, "train.log_every": 100,
+      "train.eval_every": 600, "train.eval_batches": 0, "train.checkpoint_every": 600, "train.num_samples": 0,
+      "optimizer.learning_rate": 3e-3})
+  items = evaluation.load_task("chatterbot_mc_en")
+  trained_on = {(conv[0]["content"], conv[1]["content"])
+                for conv in sft.conversations(c.data.sources, "train", validation_fraction=c.data.validation_fraction)}
+  assert not any((it["context"], it["choices"][it["answer"]]) in trained_on for it in items)  # held out
+  workdir = str(tmp_path / "sft")
+  train.run(c, workdir)
+  cfg, params, tok = runs.load_run(workdir)
+  scores = {name: evaluation.evaluate(evaluation.Scorer(cfg, p, tok, max_length=256), items)["acc_mutual_info"]
+            for name, p in (("untrained", model.init(cfg, jax.random.key(c.seed))), ("trained", params))}
+  chance = float(np.mean([1 / len(it["choices"]) for it in items]))
+  sd = np.sqrt(chance * (1 - chance) / len(items))
+  print(f"chatterbot_mc_en acc_mutual_info over {len(items)} items: untrained {scores['untrained']:.3f}, trained "
+        f"{scores['trained']:.3f}; chance {chance:.3f}, binomial sd {sd:.3f}")
+  assert abs(scores["untrained"] - chance) <= 2 * sd
+  assert scores["trained"] >= chance + 3 * sd
