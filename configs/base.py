@@ -101,6 +101,7 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                        # data-parallel replicas (-1 = all devices left)
   c.mesh.fsdp = 1                         # parameter/optimizer sharding
+  c.mesh.context = 1                      # context parallelism: each sequence split over this many devices
   c.mesh.tensor = 1                       # tensor parallelism (heads, mlp, vocab)
   c.mesh.dcn_fsdp = 1                     # multi-node: nodes the fsdp axis spans (the rest of the nodes: data)
   c.mesh.rules = sharding.RULES           # logical axis -> mesh axes; a logical axis without a rule is an error

@@ -164,22 +164,30 @@ def validate(config, num_devices: int | None = None):
 
 
 def validate_mesh(config, num_devices: int | None):
-  """Mesh axes must multiply to the device count and the batch must divide over the data-parallel axes."""
+  """Mesh axes must multiply to the device count, the batch must divide over the data-parallel axes, and the
+  sequence over mesh.context with one row per device."""
   m = config.mesh
   n = num_devices or jax.device_count()
-  sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.tensor": m.tensor}
+  sizes = {f"mesh.{axis}": v for axis, v in sharding.axis_sizes(m).items()}
   for key, v in sizes.items():
     _check(v == -1 or v >= 1, key, f"must be >= 1 or -1 (fill), got {v}")
-  _check(list(sizes.values()).count(-1) <= 1, "mesh", "at most one of mesh.data/fsdp/tensor may be -1")
+  _check(list(sizes.values()).count(-1) <= 1, "mesh", "at most one of mesh.data/fsdp/context/tensor may be -1")
   known = 1
   for v in sizes.values():
     known *= v if v > 0 else 1
-  _check(n % known == 0, "mesh", f"data*fsdp*tensor={known} does not divide the {n} devices")
+  _check(n % known == 0, "mesh", f"data*fsdp*context*tensor={known} does not divide the {n} devices")
   if -1 not in sizes.values():
-    _check(known == n, "mesh", f"data*fsdp*tensor={known} != the {n} available devices")
+    _check(known == n, "mesh", f"data*fsdp*context*tensor={known} != the {n} available devices")
+  axis_sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(m, n)))
+  if axis_sizes["context"] > 1:
+    length = dict(sharding.rules_of(config)).get("length")
+    _check(length == "context" or "context" in (length or ()), "mesh.rules",
+           f"mesh.context={axis_sizes['context']} but the rules split the 'length' axis over {length!r}: map "
+           "'length' to 'context' (as sharding.RULES does)")
+    _check(config.train.seq_len % axis_sizes["context"] == 0, "train.seq_len",
+           f"{config.train.seq_len} is not divisible by mesh.context={axis_sizes['context']}")
   if not config.init_from:  # the model's dims from its preset (an init_from run's are checked once resolved)
     dims = {**model_lib.PRESETS[config.model.size], **{k: v for k, v in model_overrides(config).items() if v}}
-    axis_sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(m, n)))
     if reason := sharding.indivisible(dims, axis_sizes, sharding.rules_of(config)):
       raise ConfigError(reason)
   data_parallel = (m.data if m.data > 0 else n // known) * (m.fsdp if m.fsdp > 0 else n // known)
@@ -187,3 +195,9 @@ def validate_mesh(config, num_devices: int | None):
   _check(micro % data_parallel == 0, "train.batch_size",
          f"the micro-batch batch_size/grad_accum={micro} is not divisible by the data-parallel size "
          f"mesh.data*mesh.fsdp={data_parallel}")
+  # The model's projections run on [rows * tokens, D] (model.flat_matmul): that dim stays split over context only
+  # while each device holds one row; with more, every device would compute the whole sequence's projections.
+  _check(axis_sizes["context"] == 1 or micro == data_parallel, "train.grad_accum",
+         f"mesh.context={axis_sizes['context']} needs one row per device in each micro-batch: batch_size/grad_accum="
+         f"{micro} must equal mesh.data*mesh.fsdp={data_parallel} (grad_accum="
+         f"{config.train.batch_size // data_parallel})")

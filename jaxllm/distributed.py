@@ -285,7 +285,8 @@ def fake_devices(plans: list[Plan]) -> list[FakeDevice]:
 
 
 def describe(plans: list[Plan], mesh_config, mesh) -> str:
-  """The processes table and the mesh: which node:GPU sits at each (data, fsdp, tensor) position."""
+  """The processes table and the mesh: which node:GPU sits at each (data, fsdp, context, tensor) position (a row
+  per data, context and tensor index, naming context only when the mesh splits the sequence)."""
   p0 = plans[0]
   own = "only its own GPUs (CUDA_VISIBLE_DEVICES per task)" if p0.own_gpus_only else "all the node's GPUs"
   lines = [f"{_n(p0.nodes, 'node')} x {p0.gpus_per_node} GPUs, {_n(p0.procs_per_node, 'process')} per node = "
@@ -294,19 +295,21 @@ def describe(plans: list[Plan], mesh_config, mesh) -> str:
   for p in plans:
     ids = ",".join(map(str, p.local_device_ids)) if p.local_device_ids is not None else "all"
     lines.append(f"{p.process_id:>7}  {p.node:>4}  {ids:<16}  {','.join(p.gpus)}")
-  data, fsdp, tensor = mesh.shape
+  data, fsdp, context, tensor = mesh.shape
   nodes = p0.nodes
   split = ""
   if nodes > 1:
-    dcn = (nodes // mesh_config.dcn_fsdp, mesh_config.dcn_fsdp, 1)
+    dcn = (nodes // mesh_config.dcn_fsdp, mesh_config.dcn_fsdp, 1, 1)
     ici = tuple(s // d for s, d in zip(mesh.shape, dcn))
     split = f"; across nodes {dcn}, inside a node {ici} (mesh.dcn_fsdp={mesh_config.dcn_fsdp})"
-  lines += ["", f"mesh (data, fsdp, tensor) = {mesh.shape}{split}", "position -> node:GPU"]
+  lines += ["", f"mesh (data, fsdp, context, tensor) = {mesh.shape}{split}", "position -> node:GPU"]
   for d in range(data):
-    for t in range(tensor):
-      for start in range(0, fsdp, 8):
-        cells = " ".join(f"{dev!r:>7}" for dev in mesh[d, start:start + 8, t])
-        lines.append(f"data={d:<3} tensor={t:<2} fsdp {start:>3}-{min(start + 8, fsdp) - 1:<3} {cells}")
+    for c in range(context):
+      for t in range(tensor):
+        for start in range(0, fsdp, 8):
+          cells = " ".join(f"{dev!r:>7}" for dev in mesh[d, start:start + 8, c, t])
+          where = f"data={d:<3} " + (f"context={c:<2} " if context > 1 else "") + f"tensor={t:<2}"
+          lines.append(f"{where} fsdp {start:>3}-{min(start + 8, fsdp) - 1:<3} {cells}")
   return "\n".join(lines)
 
 
@@ -327,6 +330,8 @@ def dry_run(config, plans: list[Plan]):
     mesh = sharding.layout(config.mesh, devices, plans[0].procs_per_node)
   except ValueError as e:  # a layout that cannot fit is what a dry run is for: one line, like a bad config
     raise ConfigError(str(e)) from None
+  if reason := sharding.rows_across_processes(mesh, sharding.rules_of(config)):
+    raise ConfigError(reason)
   return describe(plans, config.mesh, mesh), mesh
 
 

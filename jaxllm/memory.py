@@ -5,6 +5,7 @@ from a stated estimate. Used by bench/memory.py and by tests that check every GP
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -28,29 +29,35 @@ def state_bytes_per_device(config, model_cfg) -> dict[str, int]:
 
 
 def mesh_devices(config) -> int:
-  m = config.mesh
-  if -1 in (m.data, m.fsdp, m.tensor):
+  sizes = sharding.axis_sizes(config.mesh)
+  if -1 in sizes.values():
     raise ValueError("mesh: give every axis a size to size a layout without devices")
-  return m.data * m.fsdp * m.tensor
+  return math.prod(sizes.values())
 
 
 def activation_bytes(config, model_cfg) -> int:
   """An estimate of the activations one device holds at the peak of a step, in the compute dtype:
 
-    saved between layers:  L · b·T·D                        (each layer's input; remat recomputes the rest)
+    saved between layers:  L · b·T/c·D                      (each layer's input; remat recomputes the rest)
       (without remat, ×12: every matmul input and output of a layer is kept for the backward pass)
-    one layer's working set:  b·T·(12·D + 3·F/t)  +  2·b·(H/t)·T² in float32 (attention logits and probs)
-    logits:  3 · b·T·V/t in float32 (logits, softmax, its gradient)
+    one layer's working set:  b·T/c·(12·D + 3·F/t)
+      + 2·b·(T - T/c)·(K/t)·E    the other devices' keys and values of the row, gathered over context
+      + 2·b·(H/t)·(T/c)·T        in float32: attention logits and probs, this device's queries x every key
+    logits:  3 · b·T/c·V/t in float32 (logits, softmax, its gradient)
 
-  with b = micro-batch per data-parallel shard, t = mesh.tensor. A planning number, not a measurement.
+  with b = micro-batch per data-parallel shard, T = train.seq_len, c = mesh.context, t = mesh.tensor. A planning
+  number, not a measurement.
   """
-  m, tr, c = config.mesh, config.train, model_cfg
-  b = tr.batch_size // tr.grad_accum // (m.data * m.fsdp)
-  t, seq = m.tensor, tr.seq_len
+  m, tr, c = sharding.axis_sizes(config.mesh), config.train, model_cfg
+  b = tr.batch_size // tr.grad_accum // (m["data"] * m["fsdp"])
+  t, seq = m["tensor"], tr.seq_len
+  local = seq // m["context"]  # the tokens of a row on this device
   width = 2 if c.dtype in ("bfloat16", "float16") else 4
-  saved = c.num_layers * b * seq * c.d_model * width * (1 if c.remat_policy == "full" else 12)
-  layer = b * seq * (12 * c.d_model + 3 * c.mlp_dim // t) * width + 2 * b * (c.num_heads // t) * seq * seq * 4
-  logits = 3 * b * seq * c.vocab_size // t * 4
+  saved = c.num_layers * b * local * c.d_model * width * (1 if c.remat_policy == "full" else 12)
+  layer = (b * local * (12 * c.d_model + 3 * c.mlp_dim // t) * width
+           + 2 * b * (seq - local) * (c.num_kv_heads // t) * c.head_dim * width
+           + 2 * b * (c.num_heads // t) * local * seq * 4)
+  logits = 3 * b * local * c.vocab_size // t * 4
   return saved + layer + logits
 
 

@@ -3,6 +3,10 @@
 Parameters and the main activations carry logical axis names (model.AXES); a rules table (config.mesh.rules,
 default RULES) maps each name to mesh axes, or None = replicated. A logical name without a rule is an error,
 so a new parameter cannot silently end up replicated.
+
+The mesh is (data, fsdp, context, tensor), tensor innermost (the fastest links). `context` splits the sequence
+("length") of the activations; attention gathers each layer's keys and values over it (model.Attention), so every
+query still sees the whole row.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
-# logical name -> mesh axes. The batch splits over data and fsdp; weights split their embed dim over fsdp
-# (ZeRO-3 style: gathered per layer in the forward pass) and their head / mlp / vocab dim over tensor.
+# logical name -> mesh axes. The batch splits over data and fsdp, each sequence over context; weights split their
+# embed dim over fsdp (ZeRO-3 style: gathered per layer in the forward pass) and their head / mlp / vocab dim over
+# tensor, and are whole across context.
 RULES = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "context"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -62,26 +67,33 @@ def rules_of(config) -> tuple:
   return tuple((name, as_axes(axes)) for name, axes in config.mesh.rules)
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with a -1 filled from the device count (config.validate_mesh checked it divides)."""
-  sizes = [mesh_config.data, mesh_config.fsdp, mesh_config.tensor]
+def axis_sizes(mesh_config) -> dict[str, int]:
+  """mesh.<axis> for each of MESH_AXES, as configured (-1 = fill). A mesh config from before the context axis
+  (an old run's config.json, a hand-made ConfigDict) has context 1."""
+  return {axis: getattr(mesh_config, axis, 1) for axis in MESH_AXES}
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """The MESH_AXES sizes with a -1 filled from the device count (config.validate_mesh checked it divides)."""
+  sizes = list(axis_sizes(mesh_config).values())
   known = math.prod(s for s in sizes if s > 0)
   return tuple(num_devices // known if s == -1 else s for s in sizes)
 
 
 def make_mesh(mesh_config, devices=None, procs_per_node: int = 1) -> Mesh:
-  """The (data, fsdp, tensor) mesh of `devices` (default: all), laid out by `layout`; build passes the processes
-  per node of the run this process joined (distributed.procs_per_node())."""
+  """The (data, fsdp, context, tensor) mesh of `devices` (default: all), laid out by `layout`; build passes the
+  processes per node of the run this process joined (distributed.procs_per_node())."""
   devices = jax.devices() if devices is None else devices
   return Mesh(layout(mesh_config, devices, procs_per_node), MESH_AXES)
 
 
 def layout(mesh_config, devices, procs_per_node: int = 1) -> np.ndarray:
-  """The (data, fsdp, tensor) array of `devices`, which need only `id`, `process_index`, `platform` and
+  """The (data, fsdp, context, tensor) array of `devices`, which need only `id`, `process_index`, `platform` and
   `device_kind`. Process p runs on node p // procs_per_node. On one node: mesh_utils' layout of all its devices.
   Across nodes, a hybrid mesh as mesh_utils.create_hybrid_device_mesh lays it with node granules: mesh.dcn_fsdp
   nodes share each fsdp group and the remaining nodes split data, over the slow network; the rest of each axis,
-  and all of tensor, stays inside a node (NVLink), so one process per GPU gives the mesh one per node does."""
+  and all of context (a gather of keys and values per layer) and tensor, stays inside a node (NVLink), so one
+  process per GPU gives the mesh one per node does."""
   shape = mesh_shape(mesh_config, len(devices))
   by_node = {}
   for d in devices:
@@ -89,9 +101,9 @@ def layout(mesh_config, devices, procs_per_node: int = 1) -> np.ndarray:
   nodes = len(by_node)
   if nodes == 1:
     return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  dcn = (nodes // mesh_config.dcn_fsdp, mesh_config.dcn_fsdp, 1)
+  dcn = (nodes // mesh_config.dcn_fsdp, mesh_config.dcn_fsdp, 1, 1)
   if math.prod(dcn) != nodes or any(s % d for s, d in zip(shape, dcn)):
-    raise ValueError(f"mesh: (data, fsdp, tensor)={shape} cannot be laid over {nodes} nodes as {dcn} nodes per "
+    raise ValueError(f"mesh: ({', '.join(MESH_AXES)})={shape} cannot be laid over {nodes} nodes as {dcn} nodes per "
                      f"axis (mesh.dcn_fsdp={mesh_config.dcn_fsdp}, {procs_per_node} processes per node)")
   ici = tuple(s // d for s, d in zip(shape, dcn))
   if sizes := {len(node) for node in by_node.values()} - {math.prod(ici)}:
@@ -99,7 +111,7 @@ def layout(mesh_config, devices, procs_per_node: int = 1) -> np.ndarray:
                      f"nodes ({procs_per_node} processes per node)")
   per_node = [mesh_utils.create_device_mesh(ici, by_node[n]) for n in sorted(by_node)]
   grid = np.arange(nodes).reshape(dcn).tolist()
-  return np.block([[[per_node[i] for i in row] for row in plane] for plane in grid])
+  return np.block([[[[per_node[i] for i in row] for row in plane] for plane in cube] for cube in grid])
 
 
 def check_rules(logical_specs, rules=RULES):
@@ -125,8 +137,30 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=RULES):
 
 
 def batch_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
-  """Sharding of [batch, length] inputs."""
+  """Sharding of [batch, length] inputs: rows over data and fsdp, each row's tokens over context. Raises if a row
+  would lie on the devices of several processes (see rows_across_processes)."""
+  if reason := rows_across_processes(mesh.devices, rules):
+    raise ValueError(reason)
   return logical_to_sharding(P("batch", "length"), mesh, rules)
+
+
+def rows_across_processes(devices, rules=RULES) -> str | None:
+  """Why a batch row would lie on the devices of more than one process, or None. `devices` is a mesh array
+  (layout's). Each process reads its own rows of every batch (tasks.data_shards), so the devices that share a row
+  (its context and tensor groups) must be one process's: one process per node, not per GPU, for mesh.context or
+  mesh.tensor > 1."""
+  batch = dict(rules).get("batch") or ()
+  batch = (batch,) if isinstance(batch, str) else tuple(batch)
+  keep = [i for i, axis in enumerate(MESH_AXES) if axis in batch]
+  other = [i for i in range(devices.ndim) if i not in keep]
+  rows = devices.transpose(keep + other).reshape(-1, math.prod(devices.shape[i] for i in other))
+  for row in rows:
+    if len(processes := sorted({d.process_index for d in row})) > 1:
+      shared = " x ".join(f"mesh.{MESH_AXES[i]}={devices.shape[i]}" for i in other if devices.shape[i] > 1)
+      return (f"mesh: a batch row lies on {len(row)} devices ({shared}) of processes {processes}, but each process "
+              "reads its own rows; keep the axes that split a row inside one process: one process per node "
+              "(PROCS_PER_NODE=1)")
+  return None
 
 
 def put_batch(batch, sharding: NamedSharding):

@@ -164,13 +164,16 @@ def gpus(nodes, per_node, gpus_per_node=8):
   return [Device(i, i // share) for i in range(nodes * gpus_per_node)]
 
 
-def mesh_config(data, fsdp, tensor=1, dcn_fsdp=1):
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, dcn_fsdp=dcn_fsdp))
+def mesh_config(data, fsdp, tensor=1, dcn_fsdp=1, context=None):
+  """A mesh config; without `context`, one from before the context axis (as an old run's), which has context 1."""
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, dcn_fsdp=dcn_fsdp)
+                                   | ({} if context is None else {"context": context}))
 
 
 def test_one_process_per_node_keeps_the_hybrid_layout_of_process_granules():
-  for cfg, dcn in ((mesh_config(4, 8), (4, 1, 1)), (mesh_config(1, 32, dcn_fsdp=4), (1, 4, 1)),
-                   (mesh_config(4, 4, 2), (4, 1, 1)), (mesh_config(2, 16, dcn_fsdp=2), (2, 2, 1))):
+  for cfg, dcn in ((mesh_config(4, 8), (4, 1, 1, 1)), (mesh_config(1, 32, dcn_fsdp=4), (1, 4, 1, 1)),
+                   (mesh_config(4, 4, 2), (4, 1, 1, 1)), (mesh_config(2, 16, dcn_fsdp=2), (2, 2, 1, 1)),
+                   (mesh_config(1, 4, dcn_fsdp=4, context=8), (1, 4, 1, 1))):
     devices = gpus(4, 1)
     ici = tuple(s // d for s, d in zip(sharding.mesh_shape(cfg, 32), dcn))
     want = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True)
@@ -182,11 +185,11 @@ def test_node_granules_put_data_across_nodes_and_fsdp_inside_one(per_node):
   """7b on 4x8: data d is node d, fsdp f its GPU f, however many processes drive the node."""
   mesh = sharding.layout(mesh_config(4, 8), gpus(4, per_node), per_node)
   node_gpu = np.vectorize(lambda d: (d.id // 8, d.id % 8), otypes=[object])(mesh)
-  assert mesh.shape == (4, 8, 1)
-  assert all(node_gpu[d, f, 0] == (d, f) for d in range(4) for f in range(8))
+  assert mesh.shape == (4, 8, 1, 1)
+  assert all(node_gpu[d, f, 0, 0] == (d, f) for d in range(4) for f in range(8))
   # 70b on 4x8 (mesh.dcn_fsdp=4): one fsdp group over the 4 nodes, 8 consecutive positions per node
   mesh = sharding.layout(mesh_config(1, 32, dcn_fsdp=4), gpus(4, per_node), per_node)
-  assert [d.id for d in mesh[0, :, 0]] == list(range(32))
+  assert [d.id for d in mesh[0, :, 0, 0]] == list(range(32))
 
 
 def test_one_node_of_eight_processes_is_one_granule():
@@ -217,7 +220,8 @@ def test_dry_run_four_nodes_one_process_per_node(capsys):
   assert out[0] == ("4 nodes x 8 GPUs, 1 process per node = 4 processes; each sees all the node's GPUs; "
                     "coordinator node001:61586")
   assert out[3] == "      1     1  0,1,2,3,4,5,6,7   0,1,2,3,4,5,6,7"
-  assert "mesh (data, fsdp, tensor) = (4, 8, 1); across nodes (4, 1, 1), inside a node (1, 8, 1)" in out[7]
+  assert ("mesh (data, fsdp, context, tensor) = (4, 8, 1, 1); across nodes (4, 1, 1, 1), inside a node (1, 8, 1, 1)"
+          in out[7])
   assert mesh_rows(out) == MESH_4x8
 
 
@@ -251,8 +255,8 @@ def test_dry_run_refuses_a_layout_that_cannot_fit(capsys):
   assert distributed.main(["--dry-run", "--config", f"{PRETRAIN}:size=70b,gpus=4x8", "--nodes", "4",
                            "--procs-per-node", "2", "--config.mesh.dcn_fsdp=2"]) == 2
   assert capsys.readouterr().err.strip() == (
-      "error: mesh: (data, fsdp, tensor)=(1, 32, 1) cannot be laid over 4 nodes as (2, 2, 1) nodes per axis "
-      "(mesh.dcn_fsdp=2, 2 processes per node)")
+      "error: mesh: (data, fsdp, context, tensor)=(1, 32, 1, 1) cannot be laid over 4 nodes as (2, 2, 1, 1) nodes "
+      "per axis (mesh.dcn_fsdp=2, 2 processes per node)")
 
 
 def test_sbatch_dry_run_outside_slurm_simulates_the_job():
@@ -263,3 +267,26 @@ def test_sbatch_dry_run_outside_slurm_simulates_the_job():
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith("4 nodes x 8 GPUs, 8 processes per node = 32 processes")
   assert not os.path.exists("/nonexistent/workdir")
+
+
+def test_context_stays_inside_a_node_and_a_process(capsys):
+  """7b at 32k on 4x8 (context=8 per node, fsdp=4 across nodes): one process per node lays each row's context
+  group on one node's 8 GPUs; one process per GPU would split a row over 8 processes, which each read their own
+  rows, and is refused, as is tensor over processes."""
+  out = distributed.main(["--dry-run", "--config", f"{PRETRAIN}:size=7b,gpus=4x8,seq=32k", "--nodes", "4"])
+  lines = capsys.readouterr().out.splitlines()
+  assert out == 0 and ("mesh (data, fsdp, context, tensor) = (1, 4, 8, 1); across nodes (1, 4, 1, 1), inside a "
+                       "node (1, 1, 8, 1) (mesh.dcn_fsdp=4)") in lines
+  assert mesh_rows(lines) == [f"data=0 context={g} tensor=0 fsdp 0-3 " + " ".join(f"n{n}:g{g}" for n in range(4))
+                              for g in range(8)]
+  long = mesh_config(1, 4, dcn_fsdp=4, context=8)
+  assert sharding.rows_across_processes(sharding.layout(long, gpus(4, 1), 1)) is None
+  per_gpu = sharding.layout(long, gpus(4, 8), 8)
+  assert sharding.rows_across_processes(per_gpu) == (
+      "mesh: a batch row lies on 8 devices (mesh.context=8) of processes [0, 1, 2, 3, 4, 5, 6, 7], but each process "
+      "reads its own rows; keep the axes that split a row inside one process: one process per node (PROCS_PER_NODE=1)")
+  assert distributed.main(["--dry-run", "--config", f"{PRETRAIN}:size=7b,gpus=4x8,seq=32k", "--nodes", "4",
+                           "--procs-per-node", "8"]) == 2
+  assert "a batch row lies on 8 devices (mesh.context=8)" in capsys.readouterr().err
+  tensor = sharding.layout(mesh_config(4, 4, tensor=2), gpus(4, 8), 8)
+  assert "(mesh.tensor=2) of processes [0, 1]" in sharding.rows_across_processes(tensor)

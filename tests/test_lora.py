@@ -501,7 +501,7 @@ def test_the_trainer_path_init_sharded_from_eval_shape():
   base_axes, abstract = model_lib.logical_axes(cfg), model_lib.abstract_params(cfg)
   targets = r"mlp/down/kernel$"
   init_fn = lambda rng: lora.init_boxed(abstract, base_axes, rank=RANK, alpha=ALPHA, targets=targets, rng=rng)
-  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES)
   shardings = sharding.logical_to_sharding(nn.get_partition_spec(jax.eval_shape(init_fn, jax.random.key(0))), mesh)
   delta = jax.jit(lambda rng: nn.meta.unbox(init_fn(rng)), out_shardings=shardings)(jax.random.key(1))
   plain = lora.init(_base(), rank=RANK, alpha=ALPHA, targets=targets, rng=jax.random.key(1))
