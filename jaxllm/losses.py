@@ -25,26 +25,27 @@ def token_losses(logits_BxTxV, targets_BxT, *, z_loss: float = 0.0):
 
 
 def chunked_token_losses(hidden_BxTxD, w_DxV, targets_BxT, *, chunk: int, z_loss: float = 0.0):
-  """token_losses of the logits hidden · w, float32 [B, T], without ever holding [B, T, V] logits: the tokens go
-  through in chunks of `chunk` (the last padded), each chunk's [chunk, V] logits made, reduced to its losses and
-  dropped, and made again in the backward pass (jax.checkpoint), which then needs only the hidden states. The
-  matmul is in the hidden states' dtype, as the model's own logits."""
+  """token_losses of the logits hidden · w, float32 [B, T], without ever holding [B, T, V] logits: the sequence
+  goes through in slices of about chunk / B positions (every row at once, the last slice padded), each slice's
+  [B, slice, V] logits made, reduced to its losses and dropped, and made again in the backward pass
+  (jax.checkpoint), which then needs only the hidden states. Slicing the sequence, not the batch, keeps the rows
+  where the batch sharding put them (a data-parallel step stays one). The matmul is in the hidden states' dtype,
+  as the model's own logits."""
   b, t, d = hidden_BxTxD.shape
-  n = b * t
-  chunk = min(chunk, n)
-  pad = -n % chunk
-  h_NxD = jnp.pad(hidden_BxTxD.reshape(n, d), ((0, pad), (0, 0)))
-  targets_N = jnp.pad(targets_BxT.reshape(n), (0, pad))
+  c = max(1, min(chunk // b, t))
+  pad = -t % c
+  h_NxBxCxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, d).swapaxes(0, 1)
+  targets_NxBxC = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(b, -1, c).swapaxes(0, 1)
   w = w_DxV.astype(hidden_BxTxD.dtype)
 
   @jax.checkpoint
   def one(args):
-    h_CxD, t_C = args
-    logits_CxV = (h_CxD @ w).astype(jnp.float32)
-    return token_losses(logits_CxV[None], t_C[None], z_loss=z_loss)[0]
+    h_BxCxD, t_BxC = args
+    logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w).astype(jnp.float32)
+    return token_losses(logits_BxCxV, t_BxC, z_loss=z_loss)
 
-  losses_N = jax.lax.map(one, (h_NxD.reshape(-1, chunk, d), targets_N.reshape(-1, chunk))).reshape(-1)
-  return losses_N[:n].reshape(b, t)
+  losses_NxBxC = jax.lax.map(one, (h_NxBxCxD, targets_NxBxC))
+  return losses_NxBxC.swapaxes(0, 1).reshape(b, -1)[:, :t]
 
 
 def next_token_loss_sum(logits_BxTxV, targets_BxT, mask_BxT, *, z_loss: float = 0.0):
