@@ -120,7 +120,10 @@ class Task:
     if t is None:  # a bare config (tests of a task's loss alone): the dense logits
       return 0
     chunk, auto = t.get("loss_chunk", -1), t.get("loss_chunk", -1) < 0
-    if auto:
+    mesh = self.config.get("mesh")
+    if auto and mesh is not None and mesh.get("context", 1) > 1:
+      chunk = 0  # the sequence is split over devices already: slicing it again would gather it
+    elif auto:
       logits = t.batch_size // t.grad_accum * t.seq_len * self.sequences_per_row * model_cfg.vocab_size * 4
       chunk = AUTO_CHUNK if logits > AUTO_CHUNK_BYTES else 0
     lc = self.config.get("lora")
