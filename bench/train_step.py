@@ -1,6 +1,7 @@
 """Tokens/s and MFU of the real train step (train.train_step, jitted as the loop jits it) for a few variants.
 
   python bench/train_step.py [--size tiny] [--steps 20] [--batch 16] [--seq 128]
+  python bench/train_step.py --size 1b --batch 1 --seq 2048 --compile-only    # ahead-of-time compile time
 
 MFU is model FLOPs (6N + causal attention, model.flops_per_token) per second over a measured matmul peak of this
 device (metrics.measure_peak_flops), so rows are comparable with each other on the same machine.
@@ -52,6 +53,28 @@ def bench(config, model_cfg, steps: int) -> float:
   return best
 
 
+def compile_seconds(config, model_cfg) -> tuple[float, float]:
+  """(lowering, compile) seconds of the real train step, ahead of time from abstract shapes: nothing allocated,
+  so the 1b preset's step compiles on a laptop (issue #19 item 7: <= 60 s)."""
+  loss_fn = tasks.make(config).loss_fn(model_cfg)
+  tx = optim.optimizer(config.optimizer, config.train.steps)
+  init = functools.partial(step_lib.init_state, init_trainable=functools.partial(model_lib.init_boxed, model_cfg),
+                           tx=tx)
+  state = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.key(0))
+  b, t = config.train.batch_size, config.train.seq_len
+  ints = jax.ShapeDtypeStruct((b, t), np.int32)
+  batch = {"inputs": ints, "targets": ints, "segment_ids": ints, "positions": ints,
+           "loss_mask": jax.ShapeDtypeStruct((b, t), np.float32)}
+  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
+                                   lr_schedule=optim.schedule(config.optimizer, config.train.steps),
+                                   grad_accum=config.train.grad_accum), donate_argnums=0)
+  start = time.perf_counter()
+  lowered = step.lower(state, batch, None)
+  middle = time.perf_counter()
+  lowered.compile()
+  return middle - start, time.perf_counter() - middle
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", default="tiny")
@@ -59,10 +82,19 @@ def main():
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--compile-only", action="store_true",
+                 help="only the step's lowering and compile time, from abstract shapes (e.g. --size 1b --batch 1 "
+                      "--seq 2048)")
   args = p.parse_args()
   config = pretrain.get_config(f"size={args.size}")
   config.train.batch_size, config.train.seq_len = args.batch, args.seq
   base = config_lib.resolve_model(config, args.vocab)
+  if args.compile_only:
+    for name, model_cfg in (("scan (the preset)", base), ("python loop", dataclasses.replace(base, scan_layers=False))):
+      lower, comp = compile_seconds(config, model_cfg)
+      print(f"{args.size} train step ({name}, {model_cfg.dtype}, remat {model_cfg.remat_policy}, batch {args.batch} x "
+            f"{args.seq}) on {jax.devices()[0].device_kind}: lowering {lower:.1f} s, compile {comp:.1f} s", flush=True)
+    return
   variants = {
       "scan (default)": base,
       "python loop": dataclasses.replace(base, scan_layers=False),
