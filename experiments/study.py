@@ -58,6 +58,20 @@ def tiny_lm_config(sources: str, model: dict, steps: int, quick: bool):
   return c
 
 
+def sft_config(pretrain):
+  """configs/sft.py (masked SFT: its data keys, prompt_loss_weight, overlong) on a pretraining config's model,
+  tokenizer, train and optimizer settings: the fine-tuning points of a synthetic-data study set the rest."""
+  from configs import sft
+
+  c = sft.get_config().unlock()
+  samples = c.train.sample_tokens, c.train.sample_prompts
+  for section in ("model", "train", "optimizer"):
+    c[section] = pretrain[section]
+  c.train.sample_tokens, c.train.sample_prompts = samples
+  c.data.tokenizer = pretrain.data.tokenizer
+  return c
+
+
 def save_report(directory: str, text: str) -> str:
   """Writes DIR/REPORT.md; returns its path."""
   path = os.path.join(directory, "REPORT.md")

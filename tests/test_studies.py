@@ -1,6 +1,7 @@
 """The paper-ablation studies: their analysis against exact inputs, and each study's --quick run end to end
 (REPORT.md with a computed Verdict line, and its plots)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import pytest
 
 from experiments import study
 from experiments.lora_rank import report as lora_rank_report
+from experiments.peft_methods import report as peft_methods_report
 from experiments.pipeline import report as pipeline_report
 from experiments.prompt_loss import report as prompt_loss_report
+from experiments.rounds import report as rounds_report
 from experiments.schedules_scaling import report as scaling_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +86,13 @@ def test_dpo_beta_quick_end_to_end(tmp_path):
   assert "Tabular check: TV" in report and "| DPO | dpo_beta0.1 |" in report
 
 
+def test_peft_methods_quick_end_to_end(tmp_path):
+  report = _quick("peft_methods", tmp_path / "pm")
+  assert (tmp_path / "pm" / "peft_methods.png").stat().st_size > 0
+  assert "| full FT | 0.01 | 131,392 |" in report and "| prefix (direct) | 1 | 2,560 |" in report
+  assert "| near | gap | excess |" in report and "run.py --probe" in report  # the quick run has no probe
+
+
 def test_degenerate_answers_are_token_loops():
   assert pipeline_report.degenerate([5, 6, 7] * 3)
   assert pipeline_report.degenerate([1, 2] + [9, 9, 9, 9, 9])         # one token repeated: (9, 9, 9) x3
@@ -148,3 +158,90 @@ def test_prompt_loss_verdict_follows_the_numbers(short, long, want):
   line = prompt_loss_report.verdict({"cells": cells, "weights": weights})
   assert line.startswith(f"Verdict: {want} — ")
   assert f"by {short[0] - short[1]:+.4f} nats" in line
+
+
+@pytest.fixture(scope="module")
+def rounds_quick(tmp_path_factory):
+  """experiments/rounds --quick, run once for the tests below: (its REPORT.md, its directory)."""
+  workdir = tmp_path_factory.mktemp("rounds") / "rd"
+  return _quick("rounds", workdir), workdir
+
+
+def test_rounds_quick_end_to_end(rounds_quick):
+  report, workdir = rounds_quick
+  assert (workdir / "rounds.png").stat().st_size > 0 and (workdir / "results.md").stat().st_size > 0
+  assert "| 0 | SFT start | 1 |" in report and "| 2 | DPO on best/worst | 1 |" in report
+  assert "| 2 | round 1 DPO | 1 |" in report  # round 2 trained on round 1's samples
+
+
+def test_rounds_true_reward_of_round_2_is_at_least_round_1s(rounds_quick):
+  """Seeded (the quick run's one seed): round 2's policy earns at least round 1's true reward on the held-out
+  prompts, each recomputed here from the policy's answers as the share of positive words."""
+  from experiments.dpo_beta import sweep as task
+  from jaxllm.data import synthetic
+
+  _, workdir = rounds_quick
+  positive = synthetic.positive_words(synthetic.language(**task.LANGUAGE), **task.POSITIVE)
+  answers = json.loads((workdir / "answers.json").read_text())
+  curve = json.loads((workdir / "rounds.json").read_text())["curve"]
+  true = {}
+  for k, name in ((0, "sft"), (1, "round1_dpo_seed0"), (2, "round2_dpo_seed0")):
+    shares = [np.mean([w in positive for w in a.split()]) if a.split() else 0.0 for a in answers[name]]
+    true[k] = float(np.mean(shares))
+    assert curve[k]["reward"]["mean"] == pytest.approx(true[k])
+  assert true[2] >= true[1] > true[0]
+
+
+def test_rounds_pairwise_accuracy_by_hand():
+  scores = np.array([[3.0, 1.0, 2.0], [0.5, 0.5, 1.0]])
+  true = np.array([[0.5, 0.25, 0.25], [0.1, 0.2, 0.2]])
+  right = n = 0  # every pair of one prompt's answers whose true rewards differ, counted by hand
+  for p in range(2):
+    for i in range(3):
+      for j in range(i + 1, 3):
+        if true[p, i] != true[p, j]:
+          same_order = (scores[p, i] > scores[p, j]) == (true[p, i] > true[p, j])
+          n, right = n + 1, right + (0.5 if scores[p, i] == scores[p, j] else float(same_order))
+  assert (right, n) == (3.5, 4)  # prompt 0: (0,1) right, (0,2) right; prompt 1: (0,1) a tie, (0,2) right
+  assert rounds_report.pairwise_accuracy(scores, true) == (pytest.approx(right / n), n)
+  assert np.isnan(rounds_report.pairwise_accuracy(np.ones((1, 2)), np.zeros((1, 2)))[0])
+
+
+@pytest.mark.parametrize("rewards,want,rises", [((0.18, 0.30, 0.40), "reproduced", 2),
+                                                ((0.18, 0.30, 0.31), "partly", 1),
+                                                ((0.18, 0.19, 0.17), "not reproduced", 0)])
+def test_rounds_verdict_follows_the_numbers(rewards, want, rises):
+  point = lambda r: {"reward": {"mean": r, "std": 0.01, "n": 3}, "se": 0.01, "kl": {"mean": 1.0},
+                     "rm_score": {"mean": 2.0}, "rm_accuracy": {"mean": 0.9}}
+  line = rounds_report.verdict({"curve": [point(r) for r in rewards]})
+  assert line.startswith(f"Verdict: {want} — the true reward rises beyond the noise in {rises} of 2 rounds: ")
+  noise = 2 * np.sqrt(0.01 ** 2 + 0.01 ** 2)  # twice the standard error of a difference of two rounds
+  assert f"{rewards[1] - rewards[0]:+.3f} ±{noise:.3f}" in line
+  assert f"last round − start {rewards[2] - rewards[0]:+.3f} ±{noise:.3f}" in line
+
+
+def test_peft_methods_trainable_counts_by_hand():
+  # sweep.MODEL: vocab 512, d 64, 2 layers, q and o 4 heads x 16 (64 wide), k and v 2 heads x 16 (32 wide), mlp 192
+  layer = 2 * 64 + 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 192      # 2 norms, q, k, v, o, gate, up, down
+  assert peft_methods_report.trainable("full") == 512 * 64 + 2 * layer + 64  # tied embedding, final norm
+  lora = 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 192) + (192 + 64))  # r·(in + out) per kernel
+  assert peft_methods_report.trainable("lora") == 2 * lora
+  assert peft_methods_report.trainable("prompt") == 20 * 64
+  assert peft_methods_report.trainable("prefix") == 2 * 2 * 20 * 2 * 16  # k and v [L, P, K, E]
+  assert peft_methods_report.trainable("prefix_mlp") == 20 * 64 + (64 * 256 + 256) + (256 * 128 + 128)
+
+
+@pytest.mark.parametrize("prompt,far_lora,want", [(2.0, 1.02, "reproduced"), (2.0, 1.5, "partly"),
+                                                  (1.1, 1.02, "not reproduced")])
+def test_peft_methods_verdict_follows_the_numbers(prompt, far_lora, want):
+  # full fine-tuning 1.0 on both tasks: a method's excess is its loss − 1.0; the noise ±2·sqrt(2·0.01²/3) = 0.016
+  def cells(lora):
+    return {"full": 1.0, "lora": lora, "prompt": prompt, "prefix": 1.04, "prefix_mlp": 1.3}
+  result = {"tasks": ("near", "far"), "methods": tuple(cells(0.0)), "before": {"near": 3.0, "far": 3.0},
+            "cells": {(task, m): {"mean": v, "std": 0.01, "n": 3}
+                      for task, lora in (("near", 1.02), ("far", far_lora)) for m, v in cells(lora).items()}}
+  line = peft_methods_report.verdict(result)
+  assert line.startswith(f"Verdict: {want} — ")
+  assert f"prompt tuning {prompt - 1.0:+.3f} ({100 * (prompt - 1.0):+.0f}%" in line
+  assert "prefix (direct) +0.040 (+4%, close)" in line  # the better prefix variant, beyond the noise but close
+  assert "far: full 1.000, " in line and f"LoRA r=8 {far_lora - 1.0:+.3f} ({100 * (far_lora - 1.0):+.0f}%" in line
