@@ -19,8 +19,8 @@ from experiments.rounds import report as rounds_report
 from experiments.schedules_scaling import report as scaling_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Each study's --quick run takes 40-90 s on 2 cores: together past CI's budget. CI runs the rounds study's (the
-# longest chain: sampling, reward scoring, SFT and DPO); the others run with JAXLLM_SLOW_TESTS=1.
+# Each study's --quick run takes 40-90 s on 2 cores: together past CI's budget, so they run with
+# JAXLLM_SLOW_TESTS=1 (the rounds study's too, with its round-2 >= round-1 check).
 slow = pytest.mark.skipif(not os.environ.get("JAXLLM_SLOW_TESTS"),
                           reason="a study's --quick run (40-90 s): run with JAXLLM_SLOW_TESTS=1")
 
@@ -177,6 +177,7 @@ def rounds_quick(tmp_path_factory):
   return _quick("rounds", workdir), workdir
 
 
+@slow
 def test_rounds_quick_end_to_end(rounds_quick):
   report, workdir = rounds_quick
   assert (workdir / "rounds.png").stat().st_size > 0 and (workdir / "results.md").stat().st_size > 0
@@ -184,6 +185,7 @@ def test_rounds_quick_end_to_end(rounds_quick):
   assert "| 2 | round 1 DPO | 1 |" in report  # round 2 trained on round 1's samples
 
 
+@slow
 def test_rounds_true_reward_of_round_2_is_at_least_round_1s(rounds_quick):
   """Seeded (the quick run's one seed): round 2's policy earns at least round 1's true reward on the held-out
   prompts, each recomputed here from the policy's answers as the share of positive words."""
