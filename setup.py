@@ -26,8 +26,8 @@ setup(
         "ml-dtypes>=0.4,<0.8",  # bfloat16 in safetensors_io
     ],
     extras_require={
-        # the suite runs on 2 workers (README), and tests Hugging Face tokenizers too
-        "test": ["pytest>=8", "pytest-xdist>=3.5,<4", "tokenizers>=0.20,<1", "jinja2>=3.1,<4"],
+        # pytest, and Hugging Face tokenizers for their tests
+        "test": ["pytest>=8", "tokenizers>=0.20,<1", "jinja2>=3.1,<4"],
         # Hugging Face tokenizer.json tokenizers and their chat templates (jaxllm/data/hf_tokenizer.py); no torch
         "tokenizers": ["tokenizers>=0.20,<1", "jinja2>=3.1,<4"],
         "gpu": ["jax[cuda12]"],
@@ -37,5 +37,7 @@ setup(
         # lm-evaluation-harness, for jaxllm/lm_eval_adapter.py (python -m jaxllm.lm_eval_adapter); tests/test_lm_eval.py
         # is skipped without it
         "eval": ["lm-eval>=0.4,<0.5"],
+        # bench/peer.py: the PyTorch + transformers peer of bench/train_step.py --peer
+        "bench": ["torch>=2.1", "transformers>=4.45"],
     },
 )

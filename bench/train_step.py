@@ -2,6 +2,7 @@
 
   python bench/train_step.py [--size tiny] [--steps 20] [--batch 16] [--seq 128]
   python bench/train_step.py --size 1b --batch 1 --seq 2048 --compile-only    # ahead-of-time compile time
+  python bench/train_step.py --size small --vocab 8192 --batch 8 --seq 256 --peer   # against PyTorch ([bench])
 
 MFU is model FLOPs (6N + causal attention, model.flops_per_token) per second over a measured matmul peak of this
 device (metrics.measure_peak_flops), so rows are comparable with each other on the same machine.
@@ -10,6 +11,10 @@ device (metrics.measure_peak_flops), so rows are comparable with each other on t
 import argparse
 import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
 import time
 
 import flax.linen as nn
@@ -20,7 +25,14 @@ from configs import pretrain
 from jaxllm import config as config_lib, metrics, model as model_lib, optim, sharding, step as step_lib, tasks
 
 
-def bench(config, model_cfg, steps: int) -> float:
+def bench(config, model_cfg, steps: int, windows: int = 3) -> float:
+  """Best tokens/s of `windows` timed windows of `steps` steps (other processes only ever slow a window down)."""
+  window = stepper(config, model_cfg)
+  return max(window(steps) for _ in range(windows))
+
+
+def stepper(config, model_cfg):
+  """The compiled train step on one fixed random batch, as `window(steps) -> tokens/s`."""
   loss_fn = tasks.make(config).loss_fn(model_cfg)
   tx = optim.optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh)
@@ -43,14 +55,18 @@ def bench(config, model_cfg, steps: int) -> float:
                  donate_argnums=0)
   state, m = step(state, batch, None)
   jax.block_until_ready(m)
-  best = 0.0
-  for _ in range(3):  # best of three windows: other processes on the machine only ever slow a window down
-    start = time.perf_counter()
+  holder = [state]
+
+  def window(steps: int) -> float:
+    state, start = holder[0], time.perf_counter()
     for _ in range(steps):
       state, m = step(state, batch, None)
     jax.block_until_ready(m)
-    best = max(best, b * t * steps / (time.perf_counter() - start))
-  return best
+    holder[0] = state
+    return b * t * steps / (time.perf_counter() - start)
+
+  window.hlo = lambda: step.lower(holder[0], batch, None).compile().as_text()  # the optimized module, for profiles
+  return window
 
 
 def compile_seconds(config, model_cfg) -> tuple[float, float]:
@@ -75,6 +91,36 @@ def compile_seconds(config, model_cfg) -> tuple[float, float]:
   return middle - start, time.perf_counter() - middle
 
 
+def peer(config, model_cfg, args):
+  """jaxllm's step and the PyTorch peer's, A/B/A/B: each round times jaxllm in this process (the compiled step
+  kept) and then the peer in a subprocess (bench/peer.py, same shapes), so both see the same machine load."""
+  window = stepper(config, model_cfg)
+  xla_matmul = metrics.measure_peak_flops("float32")
+  fpt = model_lib.flops_per_token(model_cfg, args.seq)
+  command = [sys.executable, os.path.join(os.path.dirname(__file__), "peer.py"), "--size", args.size, "--vocab",
+             str(args.vocab), "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+  print(f"{args.size} (d {model_cfg.d_model}, {model_cfg.num_layers} layers, vocab {args.vocab}), batch {args.batch} "
+        f"x {args.seq}, float32, AdamW, on {jax.devices()[0].device_kind} ({os.cpu_count()} cores)\n")
+  print("| round | jaxllm tokens/s | PyTorch tokens/s | ratio | jaxllm matmul FLOP/s / XLA fp32 matmul | "
+        "PyTorch's / torch fp32 matmul |")
+  print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+  ratios = []
+  for r in range(args.rounds):
+    ours = max(window(args.steps) for _ in range(3))
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+      raise SystemExit(f"bench/peer.py failed (pip install -e '.[bench]' for torch + transformers):\n"
+                       f"{result.stderr[-2000:]}")
+    theirs = json.loads(result.stdout.strip().splitlines()[-1])
+    ratios.append(ours / theirs["tokens_per_s"])
+    print(f"| {r + 1} | {ours:,.0f} | {theirs['tokens_per_s']:,.0f} | {ratios[-1]:.2f}x | "
+          f"{100 * ours * fpt / xla_matmul:.0f}% of {xla_matmul / 1e9:.0f} GFLOP/s | "
+          f"{100 * theirs['tokens_per_s'] * fpt / theirs['matmul_flops']:.0f}% of "
+          f"{theirs['matmul_flops'] / 1e9:.0f} GFLOP/s |", flush=True)
+  print(f"\nmedian ratio {float(np.median(ratios)):.2f}x (jaxllm / PyTorch {theirs['torch']}, transformers "
+        f"{theirs['transformers']}, {theirs['threads']} torch threads; jax {jax.__version__})")
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", default="tiny")
@@ -85,6 +131,9 @@ def main():
   p.add_argument("--compile-only", action="store_true",
                  help="only the step's lowering and compile time, from abstract shapes (e.g. --size 1b --batch 1 "
                       "--seq 2048)")
+  p.add_argument("--peer", action="store_true",
+                 help="alternate jaxllm's step with bench/peer.py's PyTorch step (A/B/A/B) and print the ratio")
+  p.add_argument("--rounds", type=int, default=2)
   args = p.parse_args()
   config = pretrain.get_config(f"size={args.size}")
   config.train.batch_size, config.train.seq_len = args.batch, args.seq
@@ -95,6 +144,8 @@ def main():
       print(f"{args.size} train step ({name}, {model_cfg.dtype}, remat {model_cfg.remat_policy}, batch {args.batch} x "
             f"{args.seq}) on {jax.devices()[0].device_kind}: lowering {lower:.1f} s, compile {comp:.1f} s", flush=True)
     return
+  if args.peer:
+    return peer(config, base, args)
   variants = {
       "scan (default)": base,
       "python loop": dataclasses.replace(base, scan_layers=False),

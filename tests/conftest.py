@@ -5,7 +5,14 @@ import json
 import os
 import random
 
-import jax
+# XLA:CPU's cheaper code generation (no LLVM -O2, no expensive passes), set before JAX starts its backend and
+# inherited by the runs the suite starts in subprocesses: the suite's time is compiling many tiny programs, and
+# these flags cut it by about a quarter on 2 cores (bench/RESULTS.md); the HLO optimizations are the same. Tests
+# compare against references within tolerances, and bit-identity only between runs under the same flags.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+import jax  # noqa: E402
 import pytest
 
 from configs import pretrain_tiny

@@ -231,10 +231,10 @@ def test_rpo_adds_the_chosen_nll_to_the_preference_loss():
                   f"{side}_positions": np.tile(np.arange(t), (b, 1))})
   config = ml_collections.ConfigDict({"stage": "dpo", "dpo": dict(kind="sigmoid", beta=0.3, label_smoothing=0.0,
                                                                   gamma=0.0, rpo_alpha=0.0, cache_reference=False)})
-  plain = tasks.make(config).loss_fn(cfg)(params, batch, {"reference": reference})
+  plain = jax.jit(tasks.make(config).loss_fn(cfg))(params, batch, {"reference": reference})
   config.dpo.rpo_alpha = 0.7
-  total, (count, sums) = tasks.make(config).loss_fn(cfg)(params, batch, {"reference": reference})
-  logits = model_lib.forward(cfg, params, batch["chosen_inputs"])
+  total, (count, sums) = jax.jit(tasks.make(config).loss_fn(cfg))(params, batch, {"reference": reference})
+  logits = jax.jit(model_lib.forward, static_argnums=0)(cfg, params, batch["chosen_inputs"])
   logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
   token_logp = np.take_along_axis(logp, batch["chosen_targets"][..., None], axis=-1)[..., 0]
   mask = batch["chosen_loss_mask"]

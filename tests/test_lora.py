@@ -221,7 +221,7 @@ def test_unmerged_gradients_match_float64_and_skip_dW(tie):
   got = {u: _deltas(grads[u](delta, p)) for u in (True, False)}
   with jax.enable_x64(True):
     to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
-    ref = jax.grad(functools.partial(loss, unmerged=False, cfg=dataclasses.replace(cfg, dtype="float64")))(
+    ref = jax.jit(jax.grad(functools.partial(loss, unmerged=False, cfg=dataclasses.replace(cfg, dtype="float64"))))(
         to64(delta), to64(p))
     ref = {path: {name: np.asarray(getattr(g, name)) for name in "ab"} for path, g in _deltas(ref).items()}
   for path in ref:

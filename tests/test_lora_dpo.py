@@ -167,12 +167,13 @@ def test_cached_reference_logps_equal_recomputed(pretrained, corpus_dir, pref_js
   task = tasks.make(c)
   pairs, _, _ = task.sources()
   chosen, rejected = task.reference_logps(model_cfg, params, pairs, tok)
+  forward = jax.jit(model_lib.forward, static_argnums=0)
   for i in (0, 7, len(pairs) - 1):  # recomputed one pair at a time, unpadded, from the rendered conversation
     for side, cached in (("chosen", chosen[i]), ("rejected", rejected[i])):
       ids, mask = chat.render(pairs[i]["prompt"] + [{"role": "assistant", "content": pairs[i][side]}], tok)
       ids, mask = np.asarray(ids)[None], np.asarray(mask, np.float32)[None]
       assert ids.shape[1] <= 97
-      logits = model_lib.forward(model_cfg, params, ids[:, :-1])
+      logits = forward(model_cfg, params, ids[:, :-1])
       want = float(losses.sequence_logprobs(logits, ids[:, 1:], mask[:, 1:])[0])
       assert cached == pytest.approx(want, rel=1e-5, abs=1e-4), (i, side)
   # a run with the cache trains as the run without it, and a restart reads the cache instead of recomputing

@@ -313,8 +313,9 @@ def _at_random_step(rng):
 
 
 # SFT's resume is pretraining's loop on another pipeline, whose iterator state test_sft_data.py round-trips: its
-# SIGKILL chain runs with the trials (JAXLLM_RELIABILITY_TRIALS), as LoRA-SFT's does
-STAGES = ["pretrain", "dpo", "lora_dpo"] + (["sft", "lora_sft"] if TRIALS else [])
+# SIGKILL chain runs with the trials (JAXLLM_RELIABILITY_TRIALS), as LoRA-SFT's does; so does full DPO's, whose
+# preference pipeline and reference LoRA-DPO's chain exercises too (with the frozen base on top)
+STAGES = ["pretrain", "lora_dpo"] + (["dpo", "sft", "lora_sft"] if TRIALS else [])
 
 
 @pytest.mark.parametrize("name", STAGES)

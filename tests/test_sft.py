@@ -44,8 +44,9 @@ def test_sft_starts_from_the_pretrained_params(pretrained, corpus_dir, qa_jsonl,
   task = tasks.make(cfg)
   _, val, _ = task.sources()
   total = weight = 0.0
+  forward = jax.jit(model_lib.forward, static_argnums=0)
   for b in task.eval_batches(val, tok):
-    logits = model_lib.forward(model_cfg, params, b["inputs"], b["segment_ids"], b["positions"])
+    logits = forward(model_cfg, params, b["inputs"], b["segment_ids"], b["positions"])
     s, w = losses.next_token_loss_sum(logits, b["targets"], b["loss_mask"])
     total, weight = total + float(s), weight + float(w)
     assert set(np.unique(b["loss_mask"])) <= {0.0, 1.0}  # validation: answers only
@@ -62,8 +63,9 @@ def test_packed_and_unpacked_examples_have_the_same_loss(pretrained, corpus_dir,
   examples = [sft.make_example(c, tok, seq_len=64) for c in convs]
 
   def example_loss(inputs, targets, mask, segments=None, positions=None):
-    logits = model_lib.forward(model_cfg, params, inputs[None], None if segments is None else segments[None],
-                               None if positions is None else positions[None])
+    logits = jax.jit(model_lib.forward, static_argnums=0)(model_cfg, params, inputs[None],
+                                                          None if segments is None else segments[None],
+                                                          None if positions is None else positions[None])
     return float(jnp.sum(losses.token_losses(logits, targets[None]) * mask[None]))
 
   alone = [example_loss(e["inputs"], e["targets"], e["loss_mask"]) for e in examples]

@@ -72,7 +72,7 @@ def test_gpu_layouts_fit_in_80gb(size, gpus):
 
 def test_multidevice_suite():
   """tests/multidevice under 8 emulated CPU devices, in a fresh process (XLA reads the flag at start-up)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAXLLM_MULTIDEVICE="1",
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8", JAXLLM_MULTIDEVICE="1",
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                          "tests/multidevice"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

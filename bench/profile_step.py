@@ -1,0 +1,138 @@
+"""Where the train step's time goes: a jax.profiler trace of a few steps, its XLA thunks' self time grouped by
+what each HLO op is (matmul, a fusion with or without a matmul in it, copy/transpose, ...), and the top ops.
+
+  python bench/profile_step.py --size tiny --vocab 2048 --batch 16 --seq 128
+  python bench/profile_step.py --size small --vocab 8192 --batch 8 --seq 256 --top 25
+
+The trace (TensorBoard / Perfetto) stays under --logdir. The PyTorch peer's own breakdown is
+`python bench/peer.py --profile` (torch.profiler). Shares are of the summed thunk time over all threads, so ops
+that run concurrently on the thread pool count in full.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+
+import train_step as bench_step  # bench/train_step.py, beside this file
+from configs import pretrain
+from jaxllm import config as config_lib
+
+_OP = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) ")
+
+
+def hlo_kinds(text: str) -> dict[str, str]:
+  """HLO op name -> its kind in the optimized module: the opcode, and for a fusion "fusion (matmul)" when its fused
+  computation holds a dot or convolution."""
+  bodies, current, ops = collections.defaultdict(list), None, {}
+  for line in text.splitlines():
+    if line and not line.startswith(" ") and "{" in line:
+      m = _COMPUTATION.match(line)
+      current = m.group(1) if m else None
+      continue
+    m = _OP.match(line)
+    if m:
+      ops[m.group(1)] = (m.group(2), line)
+      if current:
+        bodies[current].append(m.group(2))
+  kinds = {}
+  for name, (opcode, line) in ops.items():
+    if opcode == "fusion":
+      calls = _CALLS.search(line)
+      inner = bodies.get(calls.group(1), []) if calls else []
+      opcode = "fusion (matmul)" if {"dot", "convolution"} & set(inner) else "fusion"
+    kinds[name] = opcode
+  return kinds
+
+
+def self_times(events) -> dict[str, float]:
+  """hlo_op -> summed self time (µs) of its thunk events: a while loop's time less the thunks of its body."""
+  by_thread = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
+      by_thread[e["tid"]].append(e)
+  totals = collections.Counter()
+  for evs in by_thread.values():
+    evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+    stack = []  # [event, child time]
+    for e in evs:
+      while stack and stack[-1][0]["ts"] + stack[-1][0]["dur"] <= e["ts"]:
+        done, child = stack.pop()
+        totals[done["args"]["hlo_op"]] += done["dur"] - child
+      if stack:
+        stack[-1][1] += e["dur"]
+      stack.append([e, 0.0])
+    for done, child in stack:
+      totals[done["args"]["hlo_op"]] += done["dur"] - child
+  return totals
+
+
+def group(op: str, kinds: dict[str, str]) -> str:
+  kind = kinds.get(op) or kinds.get(op.split(":")[0]) or re.sub(r"[.\d]+$", "", op)
+  if kind in ("dot", "convolution", "fusion (matmul)") or op.startswith("ynn"):
+    return "matmul (dot, or a fusion holding one)"
+  if kind in ("copy", "transpose", "copy-start", "copy-done", "bitcast"):
+    return "copy / transpose"
+  if kind in ("while", "conditional", "call"):
+    return "control (while/conditional, self time)"
+  return "fusion (elementwise, reductions)" if kind == "fusion" else kind
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--size", default="tiny")
+  p.add_argument("--vocab", type=int, default=2048)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--top", type=int, default=15)
+  p.add_argument("--logdir", default=os.path.join(tempfile.gettempdir(), "jaxllm_profile"))
+  args = p.parse_args()
+  config = pretrain.get_config(f"size={args.size}")
+  config.train.batch_size, config.train.seq_len = args.batch, args.seq
+  model_cfg = config_lib.resolve_model(config, args.vocab)
+  window = bench_step.stepper(config, model_cfg)
+  window(2)
+  kinds = hlo_kinds(window.hlo())
+  start = time.time()
+  with jax.profiler.trace(args.logdir, create_perfetto_trace=True):
+    wall = time.perf_counter()
+    tps = window(args.steps)
+    wall = time.perf_counter() - wall
+  trace = max(glob.glob(os.path.join(args.logdir, "**", "perfetto_trace.json.gz"), recursive=True),
+              key=os.path.getmtime)
+  assert os.path.getmtime(trace) >= start - 1, trace
+  with gzip.open(trace) as f:
+    data = json.load(f)
+  totals = self_times(data["traceEvents"] if isinstance(data, dict) else data)
+  busy = sum(totals.values())
+  groups = collections.Counter()
+  for op, us in totals.items():
+    groups[group(op, kinds)] += us
+  per_step = lambda us: us / 1e3 / args.steps
+  print(f"{args.size}, batch {args.batch} x {args.seq}: {tps:,.0f} tokens/s under the profiler, "
+        f"{1e3 * wall / args.steps:.1f} ms/step wall, {per_step(busy):.1f} ms/step of thunk time over all threads; "
+        f"{len(kinds)} HLO ops in the optimized module ({sum(k == 'fusion' for k in kinds.values())} fusions, "
+        f"{sum(k in ('dot', 'fusion (matmul)') for k in kinds.values())} matmuls or fusions with one)\n")
+  print("| what | ms/step | share |")
+  print("| --- | ---: | ---: |")
+  for name, us in groups.most_common():
+    print(f"| {name} | {per_step(us):.2f} | {100 * us / busy:.1f}% |")
+  print("\n| top op | kind | ms/step | share |")
+  print("| --- | --- | ---: | ---: |")
+  for op, us in totals.most_common(args.top):
+    print(f"| {op} | {kinds.get(op, '?')} | {per_step(us):.2f} | {100 * us / busy:.1f}% |")
+  print(f"\ntrace: {trace}")
+
+
+if __name__ == "__main__":
+  main()
