@@ -49,6 +49,8 @@ def row_config(row: str, size: str, batch: int, seq: int):
     config = pretrain.get_config(f"size={size}").unlock()
     config.lora.enabled = row == "lora"
   config.init_from = "(bench)"  # the tunings' frozen trees come from a random init here
+  if jax.default_backend() == "gpu":
+    config.model.attention = "dot_product"  # cuDNN's fused attention where it applies
   config.train.batch_size, config.train.seq_len, config.train.grad_accum = batch, seq, 1
   return config
 
@@ -95,7 +97,8 @@ def measure(args, row: str, size: str) -> dict:
   peak, how = metrics.peak_flops(model_cfg.dtype)
   dev = jax.devices()[0]
   out = dict(row=row, size=size, batch=b, seq=t, sequences_per_row=task.sequences_per_row, dtype=model_cfg.dtype,
-             remat=model_cfg.remat_policy, params=model_lib.num_params(model_cfg), lower_s=lower_s,
+             remat=model_cfg.remat_policy, attention=model_cfg.attention, params=model_lib.num_params(model_cfg),
+             lower_s=lower_s,
              compile_s=compile_s, compiled_peak_bytes=compiled_peak, peak_flops=peak, peak_how=how,
              flops_per_token=model_lib.flops_per_token(model_cfg, t, frozen_weights=bool(tuning.name),
                                                        reference=task.reference_in_step()),
@@ -152,7 +155,7 @@ def table(results: list[tuple[str, str, dict]], args) -> str:
                f"{first['peak_flops'] / 1e12:.3g} TFLOP/s"
                + (" (dense bf16)" if first["peak_how"] == "datasheet" else f" ({first['dtype']} matmul)"))
   lines = [peak_line, "",
-           "| step | size | dtype, remat | batch x seq | tokens/s | vs pretrain | model GFLOP/token | MFU | "
+           "| step | size | dtype, remat, attention | batch x seq | tokens/s | vs pretrain | model GFLOP/token | MFU | "
            "compiled peak | device peak | compile (lower + compile) |",
            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   base_tps = {r["size"]: r.get("tokens_per_s") for _, _, r in results if r.get("row") == "pretrain"}
@@ -163,7 +166,8 @@ def table(results: list[tuple[str, str, dict]], args) -> str:
     tps, base = r.get("tokens_per_s"), base_tps.get(size)
     pairs = " pairs" if r["sequences_per_row"] == 2 else ""
     lines.append(
-        f"| {TITLES[row]} | {size} | {r['dtype']}, {r['remat']} | {r['batch']}{pairs} x {r['seq']} | "
+        f"| {TITLES[row]} | {size} | {r['dtype']}, {r['remat']}, {r['attention']} | {r['batch']}{pairs} x "
+        f"{r['seq']} | "
         + (f"{tps:,.0f} | " if tps else "- | ")
         + (f"{tps / base:.2f}x | " if tps and base and row != "pretrain" else "| ")
         + f"{r['flops_per_token'] / 1e9:.3g} | "

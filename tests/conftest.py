@@ -4,6 +4,10 @@ several short runs of the suite compile each step once."""
 import json
 import os
 import random
+import subprocess
+import sys
+import tempfile
+import time
 
 # XLA:CPU's cheaper code generation (no LLVM -O2, no expensive passes), set before JAX starts its backend and
 # inherited by the runs the suite starts in subprocesses: the suite's time is compiling many tiny programs, and
@@ -17,6 +21,38 @@ import pytest
 
 from configs import pretrain_tiny
 from jaxllm import train
+
+
+MULTIDEVICE_TEST = "tests/test_sharding.py::test_multidevice_suite"
+_multidevice = {}  # the background run of tests/multidevice: its process and log file
+
+
+def pytest_collection_finish(session):
+  """When test_multidevice_suite is selected, tests/multidevice starts now, in its own process with 8 emulated
+  devices, and runs beside the rest of the suite: on 2 cores the serial suite leaves about a quarter of the CPU
+  idle (it waits on the runs it starts in subprocesses), which this uses. The test then waits for its result."""
+  if os.environ.get("JAXLLM_MULTIDEVICE") or not any(i.nodeid == MULTIDEVICE_TEST for i in session.items):
+    return
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # and FAST_COMPILE
+  env = dict(os.environ, XLA_FLAGS=flags, JAXLLM_MULTIDEVICE="1", JAX_PLATFORMS="cpu")
+  log = tempfile.NamedTemporaryFile("w+", prefix="multidevice-", suffix=".log", delete=False)
+  _multidevice.update(log=log, started=time.time(), proc=subprocess.Popen(
+      [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/multidevice"],
+      cwd=str(session.config.rootpath), env=env, stdout=log, stderr=subprocess.STDOUT))
+
+
+def multidevice_result(timeout: float = 900) -> tuple[int, str]:
+  """(exit code, output) of the background tests/multidevice run, waiting for it to finish."""
+  proc, log = _multidevice["proc"], _multidevice["log"]
+  proc.wait(timeout=max(1.0, timeout - (time.time() - _multidevice["started"])))
+  log.seek(0)
+  return proc.returncode, log.read()
+
+
+def pytest_sessionfinish(session):
+  if _multidevice and _multidevice["proc"].poll() is None:  # the suite stopped early (-x, Ctrl-C): so does it
+    _multidevice["proc"].kill()
+    _multidevice["proc"].wait()
 
 
 def pytest_configure(config):
@@ -55,7 +91,7 @@ def tiny_config(corpus_dir, **overrides):
   c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 2, 1, 16
   c.train.batch_size, c.train.seq_len = 4, 32
   c.train.steps, c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 8, 1, 4, 4
-  c.train.eval_batches, c.train.num_samples, c.train.sample_tokens = 2, 1, 8
+  c.train.eval_batches, c.train.num_samples, c.train.sample_tokens = 2, 0, 8  # samples: sft_config's runs
   c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-2, 2
   return set_fields(c, **overrides)
 

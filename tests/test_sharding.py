@@ -1,9 +1,5 @@
 """Sharding rules, the memory model, and (in a subprocess with 8 emulated CPU devices) multi-device runs."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import ml_collections
 import pytest
@@ -12,8 +8,8 @@ from jax.sharding import PartitionSpec as P
 from configs import pretrain
 from jaxllm import config as config_lib, memory, model as model_lib, sharding
 from jaxllm.errors import ConfigError
+from tests import conftest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_resolved_partition_specs_of_the_tiny_preset():
@@ -71,13 +67,11 @@ def test_gpu_layouts_fit_in_80gb(size, gpus):
 
 
 def test_multidevice_suite():
-  """tests/multidevice under 8 emulated CPU devices, in a fresh process (XLA reads the flag at start-up)."""
-  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8", JAXLLM_MULTIDEVICE="1",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                         "tests/multidevice"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  print(proc.stdout[-6000:], proc.stderr[-3000:])
-  assert proc.returncode == 0
+  """tests/multidevice under 8 emulated CPU devices, in a fresh process (XLA reads the flag at start-up), started
+  in the background as soon as the suite is collected (conftest.pytest_collection_finish)."""
+  returncode, output = conftest.multidevice_result()
+  print(output[-8000:])
+  assert returncode == 0
 
 
 def test_activations_of_a_context_parallel_layout_by_hand():
