@@ -26,8 +26,8 @@ setup(
         "ml-dtypes>=0.4,<0.8",  # bfloat16 in safetensors_io
     ],
     extras_require={
-        # pytest, and Hugging Face tokenizers for their tests
-        "test": ["pytest>=8", "tokenizers>=0.20,<1", "jinja2>=3.1,<4"],
+        # pytest on 2 workers (README), and Hugging Face tokenizers for their tests
+        "test": ["pytest>=8", "pytest-xdist>=3.5,<4", "tokenizers>=0.20,<1", "jinja2>=3.1,<4"],
         # Hugging Face tokenizer.json tokenizers and their chat templates (jaxllm/data/hf_tokenizer.py); no torch
         "tokenizers": ["tokenizers>=0.20,<1", "jinja2>=3.1,<4"],
         "gpu": ["jax[cuda12]"],

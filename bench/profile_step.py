@@ -54,6 +54,31 @@ def hlo_kinds(text: str) -> dict[str, str]:
   return kinds
 
 
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def hlo_parts(text: str) -> dict[str, str]:
+  """HLO op name -> the part of the step it computes, from its op_name metadata: forward / backward / update, and
+  the module (attn/q, mlp/up, embed.attend, ...) or the jax op outside the model (the loss, the optimizer)."""
+  parts = {}
+  for line in text.splitlines():
+    m, name = _OP.match(line), _OP_NAME.search(line)
+    if not m:
+      continue
+    if not name:
+      parts[m.group(1)] = "(no metadata: buffers, layout)"
+      continue
+    path = name.group(1).replace("jit(train_step)/", "")
+    phase = "backward" if "transpose(jvp(" in path else "forward" if "jvp(" in path else "update"
+    path = re.sub(r"(transpose\(|jvp\(|\)|while/body/|closed_call/|checkpoint/|rematted_computation/)", "", path)
+    steps = [p for p in path.split("/") if p and p not in ("Transformer", "layers")]
+    module = [p for p in steps if p in ("attn", "mlp", "attn_norm", "mlp_norm", "final_norm", "embed",
+                                        "embed.attend", "q", "k", "v", "o", "gate", "up", "down", "lm_head")]
+    where = "/".join(module[:2]) if module else (steps[-1] if steps else "?")
+    parts[m.group(1)] = f"{phase} {where}"
+  return parts
+
+
 def self_times(events) -> dict[str, float]:
   """hlo_op -> summed self time (µs) of its thunk events: a while loop's time less the thunks of its body."""
   by_thread = collections.defaultdict(list)
@@ -102,7 +127,8 @@ def main():
   model_cfg = config_lib.resolve_model(config, args.vocab)
   window = bench_step.stepper(config, model_cfg)
   window(2)
-  kinds = hlo_kinds(window.hlo())
+  text = window.hlo()
+  kinds, parts = hlo_kinds(text), hlo_parts(text)
   start = time.time()
   with jax.profiler.trace(args.logdir, create_perfetto_trace=True):
     wall = time.perf_counter()
@@ -127,10 +153,17 @@ def main():
   print("| --- | ---: | ---: |")
   for name, us in groups.most_common():
     print(f"| {name} | {per_step(us):.2f} | {100 * us / busy:.1f}% |")
-  print("\n| top op | kind | ms/step | share |")
-  print("| --- | --- | ---: | ---: |")
+  by_part = collections.Counter()
+  for op, us in totals.items():
+    by_part[parts.get(op, "?")] += us
+  print("\n| part of the step (phase, module or op) | ms/step | share |")
+  print("| --- | ---: | ---: |")
+  for name, us in by_part.most_common(args.top):
+    print(f"| {name} | {per_step(us):.2f} | {100 * us / busy:.1f}% |")
+  print("\n| top op | kind | part | ms/step | share |")
+  print("| --- | --- | --- | ---: | ---: |")
   for op, us in totals.most_common(args.top):
-    print(f"| {op} | {kinds.get(op, '?')} | {per_step(us):.2f} | {100 * us / busy:.1f}% |")
+    print(f"| {op} | {kinds.get(op, '?')} | {parts.get(op, '?')} | {per_step(us):.2f} | {100 * us / busy:.1f}% |")
   print(f"\ntrace: {trace}")
 
 

@@ -24,29 +24,35 @@ from jaxllm import train
 
 
 MULTIDEVICE_TEST = "tests/test_sharding.py::test_multidevice_suite"
-_multidevice = {}  # the background run of tests/multidevice: its process and log file
+_multidevice = {}  # the background run of tests/multidevice this process started
 
 
 def pytest_collection_finish(session):
   """When test_multidevice_suite is selected, tests/multidevice starts now, in its own process with 8 emulated
-  devices, and runs beside the rest of the suite: on 2 cores the serial suite leaves about a quarter of the CPU
-  idle (it waits on the runs it starts in subprocesses), which this uses. The test then waits for its result."""
-  if os.environ.get("JAXLLM_MULTIDEVICE") or not any(i.nodeid == MULTIDEVICE_TEST for i in session.items):
+  devices, and runs beside the rest of the suite (started by the first xdist worker, or the one pytest process);
+  the test waits for its exit code, which it writes to JAXLLM_MULTIDEVICE_DIR (set by pytest_configure)."""
+  worker = getattr(session.config, "workerinput", {}).get("workerid")
+  if (os.environ.get("JAXLLM_MULTIDEVICE") or worker not in (None, "gw0")
+      or not any(i.nodeid == MULTIDEVICE_TEST for i in session.items)):
     return
+  out = os.environ["JAXLLM_MULTIDEVICE_DIR"]
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # and FAST_COMPILE
   env = dict(os.environ, XLA_FLAGS=flags, JAXLLM_MULTIDEVICE="1", JAX_PLATFORMS="cpu")
-  log = tempfile.NamedTemporaryFile("w+", prefix="multidevice-", suffix=".log", delete=False)
-  _multidevice.update(log=log, started=time.time(), proc=subprocess.Popen(
-      [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/multidevice"],
-      cwd=str(session.config.rootpath), env=env, stdout=log, stderr=subprocess.STDOUT))
+  script = ('"$0" -m pytest -q -x -p no:cacheprovider tests/multidevice > "$1/log" 2>&1; '
+            'echo $? > "$1/rc.tmp" && mv "$1/rc.tmp" "$1/rc"')
+  _multidevice["proc"] = subprocess.Popen(["bash", "-c", script, sys.executable, out],
+                                          cwd=str(session.config.rootpath), env=env)
 
 
 def multidevice_result(timeout: float = 900) -> tuple[int, str]:
   """(exit code, output) of the background tests/multidevice run, waiting for it to finish."""
-  proc, log = _multidevice["proc"], _multidevice["log"]
-  proc.wait(timeout=max(1.0, timeout - (time.time() - _multidevice["started"])))
-  log.seek(0)
-  return proc.returncode, log.read()
+  out, deadline = os.environ["JAXLLM_MULTIDEVICE_DIR"], time.time() + timeout
+  while not os.path.exists(os.path.join(out, "rc")):
+    if time.time() > deadline:
+      raise TimeoutError(f"tests/multidevice did not finish in {timeout:.0f} s; its log: {out}/log")
+    time.sleep(1.0)
+  with open(os.path.join(out, "rc")) as f, open(os.path.join(out, "log")) as log:
+    return int(f.read()), log.read()
 
 
 def pytest_sessionfinish(session):
@@ -56,6 +62,8 @@ def pytest_sessionfinish(session):
 
 
 def pytest_configure(config):
+  if not hasattr(config, "workerinput") and "JAXLLM_MULTIDEVICE" not in os.environ:  # xdist workers inherit it
+    os.environ["JAXLLM_MULTIDEVICE_DIR"] = tempfile.mkdtemp(prefix="jaxllm-multidevice-")
   cache = os.path.join(str(config.rootpath), ".pytest_cache", "jax")
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
