@@ -121,6 +121,9 @@ def test_a_failing_point_does_not_stop_the_others_and_a_rerun_retries_it(tmp_pat
   assert attempts == {n: 2 if n == failed else 1 for n in status}
 
 
+@pytest.mark.skipif(not os.environ.get("JAXLLM_SLOW_TESTS"),
+                    reason="40 s on 2 cores, past CI's budget: JAXLLM_SLOW_TESTS=1 (a run's own resume after SIGKILL "
+                           "is tests/test_reliability.py's; a failed point's retry is the test above)")
 def test_a_point_killed_mid_run_resumes_from_its_checkpoint(tmp_path, corpus_dir):
   path = sweep_file(tmp_path, '[{"seed": 0}]', steps=400)
   spec, workdir = f"{path}:{corpus_dir}", str(tmp_path / "s")
