@@ -142,14 +142,11 @@ def main():
   if args.peer:
     return peer(config, base, args)
   variants = {
-      "preset": base,
-      "scan": dataclasses.replace(base, scan_layers=True, fused_projections=False),  # one matmul per projection
-      "loop": dataclasses.replace(base, scan_layers=False, fused_projections=False),  # a Python loop over layers
+      "scan": dataclasses.replace(base, scan_layers=True),
+      "loop": dataclasses.replace(base, scan_layers=False),         # a Python loop over layers
       "remat_full": dataclasses.replace(base, remat_policy="full"),
       "remat_dots": dataclasses.replace(base, remat_policy="dots"),
       "bf16": dataclasses.replace(base, dtype="bfloat16"),          # bfloat16 compute
-      "fused": dataclasses.replace(base, scan_layers=True, fused_projections=True),  # q/k/v, gate/up: one each
-      "loop_fused": dataclasses.replace(base, scan_layers=False, fused_projections=True),
   }
   peaks = {dt: metrics.measure_peak_flops(dt) * jax.device_count() for dt in ("float32", "bfloat16")}
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; measured matmul peak "

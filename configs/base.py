@@ -22,7 +22,6 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.model.scan_layers = True              # nn.scan over layers: one compiled layer, fast compiles
   c.model.remat_policy = "none"           # none | full | dots | dots_no_batch | save_attn_out
   c.model.attention = "einsum"            # einsum | dot_product (jax.nn.dot_product_attention: cuDNN on GPU)
-  c.model.fused_projections = False       # q/k/v and gate/up each as one matmul (same params and checkpoints)
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = "stdlib"               # "stdlib" (Python's own sources, no download) or globs of .txt/.jsonl

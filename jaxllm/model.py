@@ -56,7 +56,6 @@ class ModelConfig:
   dtype: str = "float32"           # compute dtype; params are always float32
   scan_layers: bool = True         # nn.scan over layers (one compiled layer) or a Python loop
   remat_policy: str = "none"       # none | full | dots | dots_no_batch | save_attn_out
-  fused_projections: bool = False  # q/k/v and gate/up each as one matmul on the kernels side by side (same params)
   attention: str = "einsum"        # einsum (XLA einsums, explicit mask) | dot_product (jax.nn.dot_product_attention:
                                    # cuDNN's fused attention on GPU where it applies, XLA elsewhere)
 
@@ -237,43 +236,19 @@ class Projection(nn.Module):
   dtype: Any
   bias_dims: int = 0  # 0 = no bias; else the bias is the kernel's last `bias_dims` dims
 
-  def setup(self):
-    self.kernel = self.param("kernel", _param(_dense_init(self.fan_in), self.kernel_axes), self.kernel_shape)
-    if self.bias_dims:
-      self.bias = self.param("bias", _param(nn.initializers.zeros, self.kernel_axes[-self.bias_dims:]),
-                             self.kernel_shape[-self.bias_dims:])
-    xs, ks = self.spec.split("->")[0].split(",")
-    self.n = len(set(xs) & set(ks))  # contracted dims: x's last n, the kernel's first n
-    if xs[len(xs) - self.n:] != ks[:self.n]:
-      raise ValueError(f"Projection {self.spec!r}: x's trailing dims must be the kernel's leading ones")
-
+  @nn.compact
   def __call__(self, x):
-    y = flat_matmul(x.astype(self.dtype), self.kernel.astype(self.dtype), self.n)
-    return y + self.bias.astype(self.dtype) if self.bias_dims else y
-
-  def plain(self) -> bool:
-    """Whether __call__ is x · kernel (+ bias) alone: a float kernel, no LoRA factors beside it."""
-    return isinstance(self.kernel, jax.Array) and not self.has_variable("params", "lora_a")
-
-
-def fused(x, projections):
-  """[p(x) for p in projections] (Projections contracting x's last dim) as one matmul on their kernels side by
-  side: fewer, larger matmuls (on a CPU a step's small ones cost more than their FLOPs) and one dx in the backward
-  pass. The parameters stay one tree per module (checkpoints unchanged). Only when every projection is plain; a
-  LoRA'd or quantized module runs its own __call__ (lora.apply intercepts it)."""
-  if not all(p.plain() for p in projections):
-    return [p(x) for p in projections]
-  dt = projections[0].dtype
-  d = x.shape[-1]
-  w = jnp.concatenate([p.kernel.reshape(d, -1).astype(dt) for p in projections], axis=1)
-  y = x.reshape(-1, d).astype(dt) @ w
-  outs, start = [], 0
-  for p in projections:
-    width = math.prod(p.kernel_shape[1:])
-    out = y[:, start:start + width].reshape(*x.shape[:-1], *p.kernel_shape[1:])
-    outs.append(out + p.bias.astype(dt) if p.bias_dims else out)
-    start += width
-  return outs
+    kernel = self.param("kernel", _param(_dense_init(self.fan_in), self.kernel_axes), self.kernel_shape)
+    xs, ks = self.spec.split("->")[0].split(",")
+    n = len(set(xs) & set(ks))  # contracted dims: x's last n, the kernel's first n
+    if xs[len(xs) - n:] != ks[:n]:
+      raise ValueError(f"Projection {self.spec!r}: x's trailing dims must be the kernel's leading ones")
+    y = flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), n)
+    if self.bias_dims:
+      bias = self.param("bias", _param(nn.initializers.zeros, self.kernel_axes[-self.bias_dims:]),
+                        self.kernel_shape[-self.bias_dims:])
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class Attention(nn.Module):
@@ -287,13 +262,10 @@ class Attention(nn.Module):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     d, h, k, e = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
     bias = 2 if c.qkv_bias else 0
-    q = Projection("btd,dhe->bthe", (d, h, e), ("embed", "heads", "head_dim"), d, dt, bias, name="q")
+    q_BxTxHxE = Projection("btd,dhe->bthe", (d, h, e), ("embed", "heads", "head_dim"), d, dt, bias, name="q")(x_BxTxD)
     proj_kv = functools.partial(Projection, "btd,dke->btke", (d, k, e), ("embed", "kv_heads", "head_dim"), d, dt,
                                 bias)
-    if c.fused_projections:
-      q_BxTxHxE, k_BxSxKxE, v_BxSxKxE = fused(x_BxTxD, [q, proj_kv(name="k"), proj_kv(name="v")])
-    else:
-      q_BxTxHxE, k_BxSxKxE, v_BxSxKxE = q(x_BxTxD), proj_kv(name="k")(x_BxTxD), proj_kv(name="v")(x_BxTxD)
+    k_BxSxKxE, v_BxSxKxE = proj_kv(name="k")(x_BxTxD), proj_kv(name="v")(x_BxTxD)
     q_BxTxHxE = rope(q_BxTxHxE, positions_BxT, c.rope_theta, c.rope_scaling)
     k_BxSxKxE = rope(k_BxSxKxE, positions_BxT, c.rope_theta, c.rope_scaling)
     # Keys and values whole along the sequence: with the queries split over mesh.context, each device gathers
@@ -335,11 +307,7 @@ class MLP(nn.Module):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     d, f = c.d_model, c.mlp_dim
     up = functools.partial(Projection, "btd,df->btf", (d, f), ("embed", "mlp"), d, dt)
-    if c.fused_projections:
-      gate_BxTxF, up_BxTxF = fused(x_BxTxD, [up(name="gate"), up(name="up")])
-    else:
-      gate_BxTxF, up_BxTxF = up(name="gate")(x_BxTxD), up(name="up")(x_BxTxD)
-    h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+    h_BxTxF = nn.silu(up(name="gate")(x_BxTxD)) * up(name="up")(x_BxTxD)
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
     return Projection("btf,fd->btd", (f, d), ("mlp", "embed"), f, dt, name="down")(h_BxTxF)
 

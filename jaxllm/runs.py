@@ -132,7 +132,7 @@ def model_for(config, run_dir: str | None, vocab_size: int) -> model_lib.ModelCo
   else:
     fields = dict(fields["model"])
   for key, value in model_overrides(config).items():
-    if key in ("dtype", "scan_layers", "remat_policy", "attention", "fused_projections"):
+    if key in ("dtype", "scan_layers", "remat_policy", "attention"):
       fields[key] = value
     elif value is not None and value != fields[key]:
       raise ConfigError(f"model.{key}: {value} differs from {fields[key]} in the run init_from names ({run_dir})")

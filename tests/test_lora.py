@@ -189,9 +189,8 @@ def _apply_fwd(cfg, base, delta, tokens, rng=None, dropout=0.0):
 @pytest.mark.parametrize("scan,tie", [(True, True), (False, False)])
 def test_unmerged_forward_matches_a_numpy_merged_base(scan, tie):
   """x·W + s·(x·A)·B computed module by module (lora.apply) equals the model on W + s·A·B merged in numpy, for
-  every target kind: multi-head q/k/v/o, mlp, the embedding (its lookup and, tied, the logits) and lm_head. The
-  loop case runs model.fused_projections: modules with factors fall back to their own (intercepted) matmuls."""
-  cfg, p, names = dataclasses.replace(_cfg(scan, tie), fused_projections=not scan), _base(scan, tie), _names(scan, tie)
+  every target kind: multi-head q/k/v/o, mlp, the embedding (its lookup and, tied, the logits) and lm_head."""
+  cfg, p, names = _cfg(scan, tie), _base(scan, tie), _names(scan, tie)
   delta = _randomize(_shapes(p, "all"), 3)
   by_hand = jax.tree_util.tree_map_with_path(
       lambda k, w: w if lora.path_str(k) not in _deltas(delta) else

@@ -213,24 +213,16 @@ def test_mfu_peak_is_the_datasheet_on_known_gpus():
   assert how == "measured" and peak > 0
 
 
-@pytest.mark.parametrize("variant", ["dot_product", "fused_projections"])
-def test_compute_variants_equal_the_plain_path(variant, params, fwd):
-  """model.attention=dot_product (jax.nn.dot_product_attention), and model.fused_projections (q/k/v, gate/up as
-  one matmul each; with Qwen2's q/k/v biases), on a packed row with padding: logits and gradients of the plain
-  path (einsums, one matmul per projection) on the same params."""
-  if variant == "dot_product":
-    base = CFG
-  else:
-    base = dataclasses.replace(CFG, qkv_bias=True)
-    params = jax.tree.map(lambda x: x + 0.1, model_lib.init(base, jax.random.key(1)))  # nonzero biases
-  cfg = dataclasses.replace(base, **({"attention": "dot_product"} if variant == "dot_product" else
-                                     {"fused_projections": True}))
+def test_dot_product_attention_equals_the_einsums(params, fwd):
+  """model.attention=dot_product (jax.nn.dot_product_attention) on a packed row with padding: logits and
+  gradients of the einsum path."""
+  cfg = dataclasses.replace(CFG, attention="dot_product")
   tokens = _tokens(5, (2, 10))
   segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0], [1] * 10])
   positions = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0], list(range(10))])
   np.testing.assert_allclose(fwd(cfg, params, tokens, segments, positions),
-                             fwd(base, params, tokens, segments, positions), atol=1e-5, rtol=1e-5)
+                             fwd(CFG, params, tokens, segments, positions), atol=1e-5, rtol=1e-5)
   loss = lambda c: lambda p: jnp.sum(model_lib.forward(c, p, tokens, segments, positions)[..., :3] ** 2)
-  grads = [jax.tree.leaves(jax.jit(jax.grad(loss(c)))(params)) for c in (cfg, base)]
+  grads = [jax.tree.leaves(jax.jit(jax.grad(loss(c)))(params)) for c in (cfg, CFG)]
   for g, w in zip(*grads):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)

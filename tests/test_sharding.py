@@ -11,7 +11,6 @@ from jaxllm.errors import ConfigError
 from tests import conftest
 
 
-
 def test_resolved_partition_specs_of_the_tiny_preset():
   """Golden: how every parameter of the tiny preset lies on the (data, fsdp, tensor) mesh."""
   cfg = model_lib.model_config("tiny", vocab_size=2048, qkv_bias=True)
