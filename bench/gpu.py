@@ -27,9 +27,9 @@ import time
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from configs import dpo, pretrain
+from train_step import random_batch  # bench/train_step.py, beside this file
 from jaxllm import config as config_lib, metrics, model as model_lib, optim, peft, step as step_lib, tasks
 
 BATCH = {"124m": 32, "1b": 8}  # per-device micro-batch at seq 2048 that fits one 80-141 GB GPU (remat full)
@@ -55,20 +55,6 @@ def row_config(row: str, size: str, batch: int, seq: int):
   return config
 
 
-def random_batch(task, vocab: int, b: int, t: int) -> dict:
-  """A batch of the fields the task's loss reads: one sequence per row, or one per side of a preference pair."""
-  rng = np.random.default_rng(0)
-  sides = [f"{s}_" for s in getattr(task, "sides", ())] or [""]
-  batch = {}
-  for p in sides:
-    batch.update({p + "inputs": rng.integers(0, vocab, (b, t), dtype=np.int32),
-                  p + "targets": rng.integers(0, vocab, (b, t), dtype=np.int32),
-                  p + "segment_ids": np.ones((b, t), np.int32),
-                  p + "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-                  p + "loss_mask": np.ones((b, t), np.float32)})
-  return batch
-
-
 def measure(args, row: str, size: str) -> dict:
   """One row: build, lower and compile (timed), memory, then the timed steps unless --compile-only."""
   say = lambda message: print(f"[{row} {size}] {message}", flush=True)
@@ -80,7 +66,7 @@ def measure(args, row: str, size: str) -> dict:
   init = lambda r: nn.meta.unbox(step_lib.init_state(r, init_trainable=tuning.init_trainable, tx=tx))
   frozen_trees = lambda: tuning.frozen(lambda: model_lib.init(model_cfg, jax.random.key(1)))[0]
   b, t = config.train.batch_size, config.train.seq_len
-  batch = random_batch(task, model_cfg.vocab_size, b, t)
+  batch = random_batch(model_cfg.vocab_size, b, t, getattr(task, "sides", ()))
   step = jax.jit(lambda state, batch, frozen: step_lib.train_step(
       state, batch, frozen, loss_fn=tuning.wrap(task.loss_fn(model_cfg), train=True), tx=tx,
       lr_schedule=optim.schedule(config.optimizer, config.train.steps), grad_accum=1), donate_argnums=0)

@@ -18,9 +18,9 @@ import time
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from configs import pretrain
+from train_step import random_batch  # bench/train_step.py, beside this file
 from jaxllm import config as config_lib, lora, model as model_lib, optim, peft, step as step_lib, tasks
 
 
@@ -53,11 +53,7 @@ def measure(config, model_cfg, steps, floor=False):
     base = model_lib.init(model_cfg, jax.random.key(1))
     frozen["base"] = lora.quantize_int8(base, config.lora.targets) if config.lora.quantize_base else base
   b, t = config.train.batch_size, config.train.seq_len
-  rng = np.random.default_rng(0)
-  batch = {"inputs": rng.integers(0, model_cfg.vocab_size, (b, t), dtype=np.int32),
-           "targets": rng.integers(0, model_cfg.vocab_size, (b, t), dtype=np.int32),
-           "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-           "loss_mask": np.ones((b, t), np.float32)}
+  batch = random_batch(model_cfg.vocab_size, b, t)
   step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
                                    lr_schedule=optim.schedule(config.optimizer, config.train.steps), grad_accum=1),
                  donate_argnums=0)

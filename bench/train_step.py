@@ -25,6 +25,20 @@ from configs import pretrain
 from jaxllm import config as config_lib, metrics, model as model_lib, optim, sharding, step as step_lib, tasks
 
 
+def random_batch(vocab: int, b: int, t: int, sides=()) -> dict:
+  """One fixed random batch of [b, t] rows, one document each, every token weighted; with `sides` (a preference
+  task's ("chosen", "rejected")), those fields once per side, prefixed "chosen_", "rejected_"."""
+  rng = np.random.default_rng(0)
+  batch = {}
+  for p in [f"{s}_" for s in sides] or [""]:
+    batch.update({p + "inputs": rng.integers(0, vocab, (b, t), dtype=np.int32),
+                  p + "targets": rng.integers(0, vocab, (b, t), dtype=np.int32),
+                  p + "segment_ids": np.ones((b, t), np.int32),
+                  p + "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+                  p + "loss_mask": np.ones((b, t), np.float32)})
+  return batch
+
+
 def stepper(config, model_cfg):
   """The compiled train step on one fixed random batch, as `window(steps) -> tokens/s`."""
   loss_fn = tasks.make(config).loss_fn(model_cfg)
@@ -36,12 +50,7 @@ def stepper(config, model_cfg):
   batch_sharding = sharding.batch_sharding(mesh)
   state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(jax.random.key(0))
   b, t = config.train.batch_size, config.train.seq_len
-  rng = np.random.default_rng(0)
-  batch = {"inputs": rng.integers(0, model_cfg.vocab_size, (b, t), dtype=np.int32),
-           "targets": rng.integers(0, model_cfg.vocab_size, (b, t), dtype=np.int32),
-           "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-           "loss_mask": np.ones((b, t), np.float32)}
-  batch = sharding.put_batch(batch, batch_sharding)
+  batch = sharding.put_batch(random_batch(model_cfg.vocab_size, b, t), batch_sharding)
   step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
                                    lr_schedule=optim.schedule(config.optimizer, config.train.steps),
                                    grad_accum=config.train.grad_accum),
@@ -72,9 +81,7 @@ def compile_seconds(config, model_cfg) -> tuple[float, float]:
                            tx=tx)
   state = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.key(0))
   b, t = config.train.batch_size, config.train.seq_len
-  ints = jax.ShapeDtypeStruct((b, t), np.int32)
-  batch = {"inputs": ints, "targets": ints, "segment_ids": ints, "positions": ints,
-           "loss_mask": jax.ShapeDtypeStruct((b, t), np.float32)}
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_batch(model_cfg.vocab_size, b, t))
   step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
                                    lr_schedule=optim.schedule(config.optimizer, config.train.steps),
                                    grad_accum=config.train.grad_accum), donate_argnums=0)
