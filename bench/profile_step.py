@@ -22,7 +22,6 @@ import time
 import jax
 
 import train_step as bench_step  # bench/train_step.py, beside this file
-from configs import pretrain
 from jaxllm import config as config_lib
 
 _OP = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(")
@@ -121,9 +120,10 @@ def main():
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--top", type=int, default=15)
   p.add_argument("--logdir", default=os.path.join(tempfile.gettempdir(), "jaxllm_profile"))
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config override, as on the CLI (--set model.scan_layers=False)")
   args = p.parse_args()
-  config = pretrain.get_config(f"size={args.size}")
-  config.train.batch_size, config.train.seq_len = args.batch, args.seq
+  config = bench_step.bench_config(args)
   model_cfg = config_lib.resolve_model(config, args.vocab)
   window = bench_step.stepper(config, model_cfg)
   window(2)

@@ -39,6 +39,16 @@ def random_batch(vocab: int, b: int, t: int, sides=()) -> dict:
   return batch
 
 
+def bench_config(args):
+  """The pretrain preset at --size, --batch, --seq, with each --set KEY=VALUE applied as the CLI applies it."""
+  config = pretrain.get_config(f"size={args.size}")
+  config.train.batch_size, config.train.seq_len = args.batch, args.seq
+  for item in args.set:
+    key, _, value = item.partition("=")
+    config_lib.override(config, key, config_lib.literal(value))
+  return config
+
+
 def stepper(config, model_cfg):
   """The compiled train step on one fixed random batch, as `window(steps) -> tokens/s`."""
   loss_fn = tasks.make(config).loss_fn(model_cfg)
@@ -136,9 +146,10 @@ def main():
                  help="alternate jaxllm's step with bench/peer.py's PyTorch step (A/B/A/B) and print the ratio")
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--variants", default="", help="comma-separated names of the variants to time (default: all)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config override, as on the CLI (--set model.attention=dot_product); applies to all variants")
   args = p.parse_args()
-  config = pretrain.get_config(f"size={args.size}")
-  config.train.batch_size, config.train.seq_len = args.batch, args.seq
+  config = bench_config(args)
   base = config_lib.resolve_model(config, args.vocab)
   if args.compile_only:
     for name, model_cfg in (("scan (the preset)", base), ("python loop", dataclasses.replace(base, scan_layers=False))):

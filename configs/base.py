@@ -19,7 +19,10 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
                     ("norm_eps", float), ("tie_embeddings", bool), ("qkv_bias", bool)):
     c.model[key] = config_dict.placeholder(kind)  # unset = the preset's value (vocab: the tokenizer's)
   c.model.dtype = "float32"               # compute dtype (params stay float32): float32 | bfloat16
-  c.model.scan_layers = True              # nn.scan over layers: one compiled layer, fast compiles
+  c.model.scan_layers = config_dict.placeholder(bool)  # True: nn.scan over layers (one compiled layer); False: a
+                                          # Python loop. Unset: the preset's (tiny, small loop, faster on CPU; the
+                                          # rest scan), or as the init_from run / the resumed run. Checkpoints of
+                                          # either layout initialize a run of the other.
   c.model.remat_policy = "none"           # none | full | dots | dots_no_batch | save_attn_out
   c.model.attention = "einsum"            # einsum | dot_product (jax.nn.dot_product_attention: cuDNN on GPU)
 

@@ -80,7 +80,7 @@ def build(config, workdir: str, devices=None) -> Setup:
   log(f"data: {train_source.split_info}")
   tokenizer = runs.prepare_tokenizer(config, workdir, lambda: task.texts(train_source), check=task.check_tokenizer,
                                      init_from_dir=source and source[0], log=log)
-  model_cfg = runs.model_for(config, source and source[0], tokenizer.vocab_size)
+  model_cfg = runs.model_for(config, source and source[0], tokenizer.vocab_size, resumed=resuming and workdir)
   axis_sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, len(devices))))
   if reason := sharding.indivisible(dataclasses.asdict(model_cfg), axis_sizes, sharding.rules_of(config)):
     raise ConfigError(reason)
@@ -102,7 +102,9 @@ def build(config, workdir: str, devices=None) -> Setup:
 
   continue_delta = config.lora.enabled and config.lora.continue_delta
   base = runs.continued_base(config, source) if continue_delta else source
-  source_params = functools.cache(lambda: runs.load_params(*base))  # read once, if at all
+  # read once, if at all; in this run's layer layout (scan or loop), whichever the source has
+  source_params = functools.cache(lambda: model_lib.relayout(runs.load_params(*base), model_cfg.scan_layers))
+  source_saved = lambda: model_lib.relayout(runs.saved_params(*source), model_cfg.scan_layers)  # a LoRA delta
   frozen_host, frozen_axes = tuning.frozen(source_params) if source else ({}, {})
   frozen_sharding = sharding.logical_to_sharding(frozen_axes, mesh, rules) if frozen_host else {}
   frozen = jax.device_put(frozen_host, frozen_sharding) if frozen_host else {}
@@ -113,7 +115,7 @@ def build(config, workdir: str, devices=None) -> Setup:
   checkpointer = checkpoint.Checkpointer(checkpoints, keep=t.keep_checkpoints)  # created once the run is accepted
   try:
     state, start_step = _restore_or_init(config, workdir, checkpointer, tuning, init, rng, state_sharding,
-                                         data_iter, meta, frozen, source, base, source_params)
+                                         data_iter, meta, frozen, source, base, source_params, source_saved)
     task.prepare(model_cfg, lambda: tuning.reference_params(frozen), train_source, tokenizer, workdir,
                  meta.get("init_from"), log=log)
   except BaseException:
@@ -147,10 +149,10 @@ def build(config, workdir: str, devices=None) -> Setup:
 
 
 def _restore_or_init(config, workdir, checkpointer, tuning, init, rng, state_sharding, data_iter, meta, frozen,
-                     source, base, source_params):  # the pieces of build() a new or resumed state needs
+                     source, base, source_params, source_saved):
   """(state, step): the newest checkpoint's state (the data iterator moved to its position) after checking that
   it was trained with this tokenizer and on this base; else a new state, starting from the init_from run's
-  params (or delta) where the tuning says so."""
+  params (or delta) where the tuning says so. The pieces of build() a new or resumed state needs."""
   start_step = checkpointer.latest_step()
   if start_step is not None:
     saved = checkpointer.restore_meta(start_step)
@@ -168,7 +170,7 @@ def _restore_or_init(config, workdir, checkpointer, tuning, init, rng, state_sha
     start_step = 0
     state = jax.jit(init, out_shardings=state_sharding)(rng)
     if source:
-      start = tuning.start(source_params, lambda: runs.saved_params(*source))
+      start = tuning.start(source_params, source_saved)
       if start is not None:  # the init_from run's params (or delta); a fresh optimizer state
         state = state.replace(params=jax.device_put(start, state_sharding.params))
       log(f"initialized from {runs.location(*source)}"

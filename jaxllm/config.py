@@ -74,6 +74,14 @@ def check_key(config, key: str) -> None:
     node = node[part]
 
 
+def literal(value: str):
+  """A command-line value as Python reads it (3, 1e-4, False, (2, 4)), else the string itself."""
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
+
+
 def override(config, key: str, value) -> None:
   """Sets a dotted key as `--config.key=value` would, with the field's type checked (an int field takes an int,
   a float field an int or a float); raises ConfigError naming the key."""

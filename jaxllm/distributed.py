@@ -17,7 +17,6 @@ into nodes with the plan. JAXLLM_INIT_TIMEOUT (seconds, default 300) bounds the 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import os
 import re
@@ -354,7 +353,7 @@ def main(argv=None) -> int:
       key, sep, value = item.removeprefix("--config.").partition("=")
       if not item.startswith("--config.") or not sep:
         raise ConfigError(f"{item}: expected --config.key=value")
-      config_lib.override(config, key, _literal(value))
+      config_lib.override(config, key, config_lib.literal(value))
     if args.nodes is not None:
       envs = [simulated_env(args.nodes, args.gpus_per_node, args.procs_per_node, i, gpus_per_task=args.gpus_per_task)
               for i in range(args.nodes * args.procs_per_node)]
@@ -373,13 +372,6 @@ def main(argv=None) -> int:
   print(text)
   print("nothing started (--dry-run): jax.distributed.initialize would get each process's row above")
   return 0
-
-
-def _literal(value: str):
-  try:
-    return ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return value
 
 
 if __name__ == "__main__":

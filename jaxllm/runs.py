@@ -112,10 +112,14 @@ def model_config(run_dir: str) -> model_lib.ModelConfig:
   return _model_config_from(fields["model"])
 
 
-def model_for(config, run_dir: str | None, vocab_size: int) -> model_lib.ModelConfig:
+def model_for(config, run_dir: str | None, vocab_size: int, resumed: str | None = None) -> model_lib.ModelConfig:
   """The ModelConfig a run trains: from the preset and the tokenizer (`vocab_size`), or that of the run
   `init_from` names (`run_dir`) with this config's compute choices (dtype, scan, remat). Shapes set in this
-  config must agree with the init_from run's."""
+  config must agree with the init_from run's. A run being resumed (`resumed`, its workdir) keeps its checkpoints'
+  layer layout where model.scan_layers is unset."""
+  if resumed and config.model.scan_layers is None and os.path.exists(os.path.join(resumed, CONFIG)):
+    config = config.copy_and_resolve_references()
+    config.model.scan_layers = read_config(resumed)["model"]["scan_layers"]
   if run_dir is None:
     return resolve_model(config, vocab_size)
   fields = read_config(run_dir)
@@ -133,7 +137,7 @@ def model_for(config, run_dir: str | None, vocab_size: int) -> model_lib.ModelCo
     fields = dict(fields["model"])
   for key, value in model_overrides(config).items():
     if key in ("dtype", "scan_layers", "remat_policy", "attention"):
-      fields[key] = value
+      fields[key] = fields.get(key, True) if value is None else value  # scan_layers unset: the source's layout
     elif value is not None and value != fields[key]:
       raise ConfigError(f"model.{key}: {value} differs from {fields[key]} in the run init_from names ({run_dir})")
   return _model_config_from(fields)
@@ -228,11 +232,12 @@ def load_params(run_dir: str, step: int):
   kind = peft.kind(read_config(run_dir))
   if kind == "full":
     return saved_params(run_dir, step)
+  base = model_lib.relayout(load_params(*lora_base(run_dir)), model_config(run_dir).scan_layers)  # as this run's
   if kind == "lora":
-    return lora.merge(load_params(*lora_base(run_dir)), delta(run_dir, step))
+    return lora.merge(base, delta(run_dir, step))
   # a prompt or prefix beside its base's params (model.split_prefix): plain keys and values after a prefix MLP
   entries = jax.tree.map(np.asarray, peft.model_entries(saved_params(run_dir, step)))
-  return dict(load_params(*lora_base(run_dir)), **entries)
+  return dict(base, **entries)
 
 
 def load_run(workdir: str, step: int | None = None):
@@ -252,7 +257,8 @@ def load_run(workdir: str, step: int | None = None):
     return cfg, jax.device_put(load_params(workdir, step), device), tokenizer
   abstract = jax.eval_shape(lambda: lora.init(model_lib.abstract_params(cfg), rank=lc["rank"], alpha=lc["alpha"],
                                               targets=lc["targets"], rng=jax.random.key(0), rslora=lc["rslora"]))
-  params = lora.merge(load_params(*lora_base(workdir)), checkpoint.restore_params_to(directory, step, abstract, device))
+  base = model_lib.relayout(load_params(*lora_base(workdir)), cfg.scan_layers)
+  params = lora.merge(base, checkpoint.restore_params_to(directory, step, abstract, device))
   return cfg, params, tokenizer
 
 

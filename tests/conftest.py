@@ -124,7 +124,8 @@ ANIMALS = ["cat", "dog", "bird", "king", "teacher"]
 @pytest.fixture(scope="session")
 def pretrained(corpus_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pt"))
-  train.run(tiny_config(corpus_dir, **{"train.steps": 8, "train.num_samples": 0}), workdir)
+  # scanned layers; the SFT, LoRA and DPO runs on top of it loop over them (sft_config): init_from converts
+  train.run(tiny_config(corpus_dir, **{"train.steps": 8, "train.num_samples": 0, "model.scan_layers": True}), workdir)
   return workdir
 
 
@@ -140,7 +141,7 @@ def qa_jsonl(tmp_path_factory):
 
 def sft_config(corpus_dir, qa_jsonl, init_from, **overrides):
   c = tiny_config(corpus_dir, **{"train.steps": 16, "train.eval_every": 8, "train.num_samples": 1,
-                                 "train.seq_len": 48, **overrides}).unlock()
+                                 "train.seq_len": 48, "model.scan_layers": False, **overrides}).unlock()
   c.stage = "sft"
   c.init_from = init_from
   c.data.sources = str(qa_jsonl)

@@ -277,8 +277,9 @@ def test_init_from_a_hugging_face_directory_hooks(tmp_path, corpus_dir, tokenize
   assert ident.startswith(f"{d}@hf:")
   assert_trees_equal(runs.load_params(run_dir, step), params)
   config = tiny_config(corpus_dir, init_from=str(d), **{"model.dtype": "bfloat16"})
+  assert config.model.scan_layers is None  # unset: the source's layout (an HF directory's: scanned)
   assert runs.model_for(config, run_dir, 0) == dataclasses.replace(
-      cfg, dtype="bfloat16", remat_policy=config.model.remat_policy, scan_layers=config.model.scan_layers)
+      cfg, dtype="bfloat16", remat_policy=config.model.remat_policy, scan_layers=True)
   assert runs.tokenizer_file(str(d)) == str(d / "tokenizer.model")
   os.utime(d / "model.safetensors", ns=(1, 1))  # changed weights get a new fingerprint
   assert runs.fingerprint(run_dir, step) != ident

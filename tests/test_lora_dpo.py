@@ -10,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxllm import config as config_lib, export, generate, lora, metrics as metrics_lib, runs, tasks, train
+from jaxllm import config as config_lib, export, generate, lora, metrics as metrics_lib, model as model_lib, runs, tasks
+from jaxllm import train
 from tests.conftest import sft_config, tiny_config
 
 
@@ -52,11 +53,12 @@ def test_lora_sft_trains_and_saves_only_the_delta(lora_sft_run, pretrained, tmp_
   saved = _state_params(workdir)
   paths = {lora.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(saved)}
   assert paths and all(p.endswith(("/a", "/b")) for p in paths), paths  # only A and B, no base weight
-  full = _state_params(pretrained)
+  full = _state_params(pretrained)  # scanned; the LoRA run loops over the layers (sft_config)
   n = lambda tree: sum(np.asarray(x).size for x in jax.tree.leaves(tree))
   assert n(saved) < 0.25 * n(full)  # D=32 is tiny; the small preset's share is tested in test_lora.py
   # A LoRA run's checkpoint names its base; load_run puts the delta back on it.
   cfg, params, tok = runs.load_run(workdir)
+  full = model_lib.relayout(full, cfg.scan_layers)
   assert jax.tree.structure(params) == jax.tree.structure(full)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full)))
   # init_from a LoRA run reads its merged model; export writes that model as a full run
@@ -85,7 +87,7 @@ def test_continue_the_delta_of_a_lora_run(lora_sft_run, pretrained, corpus_dir, 
   delta = lora.from_saved(runs.saved_params(*runs.resolve(workdir)), c.lora)
   start = lora.from_saved(runs.saved_params(*runs.resolve(lora_sft_run)), c.lora)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(start)))
-  want = lora.merge(runs.load_params(*runs.resolve(pretrained)), delta)
+  want = lora.merge(model_lib.relayout(runs.load_params(*runs.resolve(pretrained)), False), delta)  # as the runs
   got = runs.load_params(*runs.resolve(workdir))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
   c.lora.rank = 8

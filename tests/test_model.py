@@ -144,6 +144,27 @@ def test_scan_equals_loop_and_remat_equals_no_remat(params, fwd):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), remat, grads(CFG))
 
 
+def test_relayout_converts_between_scanned_and_looped_layers(params):
+  loop_cfg = dataclasses.replace(CFG, scan_layers=False)
+  host = jax.tree.map(np.asarray, params)
+  looped = model_lib.relayout(host, False)
+  assert jax.tree.structure(looped) == jax.tree.structure(model_lib.abstract_params(loop_cfg))
+  jax.tree.map(np.testing.assert_array_equal, looped, _unscan(host, CFG.num_layers))
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(looped))  # host arrays stay on the host
+  back = model_lib.relayout(looped, True)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  jax.tree.map(np.testing.assert_array_equal, back, host)
+  assert model_lib.relayout(host, True) == host and model_lib.relayout(looped, False) == looped  # no-ops
+  # any tree keyed like the params: a LoRA delta's {a, b} per weight, and the entries beside the layers
+  delta = {"layers": {"attn": {"q": {"kernel": {"a": np.arange(12.).reshape(2, 3, 2), "b": np.ones((2, 2, 4))}}}},
+           "prefix": {"k": np.zeros((2, 5, 1, 4))}}
+  split = model_lib.relayout(delta, False)
+  assert sorted(split) == ["layers_0", "layers_1", "prefix"] and split["prefix"]["k"] is delta["prefix"]["k"]
+  a = lambda tree: tree["attn"]["q"]["kernel"]["a"]
+  np.testing.assert_array_equal(a(split["layers_1"]), a(delta["layers"])[1])
+  jax.tree.map(np.testing.assert_array_equal, model_lib.relayout(split, True), delta)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits(params, fwd):
   cfg = dataclasses.replace(CFG, dtype="bfloat16")
   tokens = _tokens(8)

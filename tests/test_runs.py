@@ -19,28 +19,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_resume_refuses_config_drift_and_records_accepted_changes(corpus_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(corpus_dir, **{"train.steps": 2, "train.eval_batches": 0, "train.num_samples": 0,
-                                      "train.checkpoint_every": 2})
+                                      "train.checkpoint_every": 2, "model.scan_layers": True})  # not the preset's
   train.run(config, workdir)
   before = open(os.path.join(workdir, "config.json")).read()
   rows = metrics_lib.read_metrics(workdir)
   drifted = tiny_config(corpus_dir, **{"train.steps": 4, "train.eval_batches": 0, "train.num_samples": 0,
-                                       "train.checkpoint_every": 2, "seed": 7, "optimizer.learning_rate": 0.5})
+                                       "train.checkpoint_every": 2, "seed": 7, "optimizer.learning_rate": 0.5,
+                                       "model.scan_layers": False})
   with pytest.raises(errors.RunError) as e:
     train.run(drifted, workdir)
   message = str(e.value)
   assert "\n" not in message and "seed: 0 -> 7" in message and "optimizer.learning_rate: 0.01 -> 0.5" in message
+  assert "model.scan_layers: True -> False" in message  # the checkpoints' layout
   assert "train.steps" not in message  # a longer run is allowed
   assert open(os.path.join(workdir, "config.json")).read() == before  # nothing written
   assert metrics_lib.read_metrics(workdir) == rows
   assert not os.path.exists(os.path.join(workdir, runs.HISTORY))
-  # cadence and length may change: accepted, recorded, and config.json then holds the new values
+  # cadence and length may change: accepted, recorded, and config.json then holds the new values; with
+  # model.scan_layers unset the run keeps its own layout (the tiny preset's would be the loop)
   longer = tiny_config(corpus_dir, **{"train.steps": 3, "train.eval_batches": 0, "train.num_samples": 0,
                                       "train.checkpoint_every": 3, "train.log_every": 3})
   train.run(longer, workdir)
   history = [json.loads(line) for line in open(os.path.join(workdir, runs.HISTORY))]
   assert history[-1]["changed"] == {"train.checkpoint_every": [2, 3], "train.log_every": [1, 3],
                                     "train.steps": [2, 3]}
-  assert runs.read_config(workdir)["train"]["steps"] == 3
+  assert runs.read_config(workdir)["train"]["steps"] == 3 and runs.read_config(workdir)["model"]["scan_layers"]
 
 
 def _cli(*args, env=None):

@@ -32,14 +32,16 @@ def test_sft_from_a_pretrained_run(pretrained, corpus_dir, qa_jsonl, tmp_path, c
 
 def test_sft_starts_from_the_pretrained_params(pretrained, corpus_dir, qa_jsonl, tmp_path):
   """The step-0 validation loss of the SFT run equals the answer-only loss of the pretrained params, computed
-  here independently on the same batches."""
+  here independently on the same batches, by the pretrained run's own (scanned) model: the SFT run loops over
+  the layers (sft_config), so its init_from converted the checkpoint's layout."""
   cfg = sft_config(corpus_dir, qa_jsonl, pretrained, **{"train.steps": 1, "train.num_samples": 0,
                                                        "optimizer.warmup_steps": 0})
   workdir = str(tmp_path / "sft0")
   train.run(cfg, workdir)
   step0 = next(r["eval/loss"] for r in metrics_lib.read_metrics(workdir) if r["step"] == 0)
   params = runs.load_params(*runs.resolve(pretrained))
-  model_cfg = runs.model_for(cfg, pretrained, 0)
+  model_cfg = runs.model_config(pretrained)
+  assert model_cfg.scan_layers and not runs.model_config(workdir).scan_layers
   tok = Tokenizer.from_file(os.path.join(pretrained, "tokenizer.model"))
   task = tasks.make(cfg)
   _, val, _ = task.sources()

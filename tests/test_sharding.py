@@ -12,8 +12,8 @@ from tests import conftest
 
 
 def test_resolved_partition_specs_of_the_tiny_preset():
-  """Golden: how every parameter of the tiny preset lies on the (data, fsdp, tensor) mesh."""
-  cfg = model_lib.model_config("tiny", vocab_size=2048, qkv_bias=True)
+  """Golden: how every parameter of the tiny preset, its layers scanned, lies on the (data, fsdp, tensor) mesh."""
+  cfg = model_lib.model_config("tiny", vocab_size=2048, qkv_bias=True, scan_layers=True)
   specs = sharding.logical_to_mesh(model_lib.logical_axes(cfg))
   assert specs == {
       "embed": {"embedding": P("tensor", "fsdp")},
