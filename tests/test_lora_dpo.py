@@ -10,8 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxllm import config as config_lib, export, generate, lora, metrics as metrics_lib, model as model_lib, runs, tasks
-from jaxllm import train
+from jaxllm import config as config_lib, export, lora, metrics as metrics_lib, model as model_lib, runs, tasks, train
 from tests.conftest import sft_config, tiny_config
 
 
@@ -74,7 +73,6 @@ def test_lora_sft_trains_and_saves_only_the_delta(lora_sft_run, pretrained, tmp_
 def test_continue_the_delta_of_a_lora_run(lora_sft_run, pretrained, corpus_dir, qa_jsonl, tmp_path, capsys):
   """lora.continue_delta: the new run starts from the saved delta on the same base (its step-0 validation loss
   is the source run's last), trains it further, and its checkpoint loads as base + the new delta."""
-  from jaxllm import checkpoint
   c = lora_sft_config(corpus_dir, qa_jsonl, lora_sft_run)
   c.lora.continue_delta, c.train.steps = True, 4
   workdir = str(tmp_path / "continued")
