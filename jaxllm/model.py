@@ -409,8 +409,16 @@ def _example_tokens():
 
 
 def init_boxed(cfg: ModelConfig, rng) -> Params:
-  """Fresh parameters with their logical axes attached (nn.LogicallyPartitioned leaves)."""
-  return Transformer(cfg).init(rng, _example_tokens())["params"]
+  """Fresh parameters with their logical axes attached (nn.LogicallyPartitioned leaves). The same numbers for
+  either layer layout: a Python loop's layers get the values nn.scan draws, so a seed gives one model, and a run
+  computes the same with scan_layers True or False."""
+  boxed = Transformer(cfg).init(rng, _example_tokens())["params"]
+  if cfg.scan_layers:
+    return boxed
+  scanned = Transformer(dataclasses.replace(cfg, scan_layers=True)).init(rng, _example_tokens())["params"]
+  values = relayout(nn.meta.unbox(scanned), False)
+  return jax.tree.map(lambda box, value: box.replace_boxed(value), boxed, values,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def init(cfg: ModelConfig, rng) -> Params:

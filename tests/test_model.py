@@ -163,6 +163,8 @@ def test_relayout_converts_between_scanned_and_looped_layers(params):
   a = lambda tree: tree["attn"]["q"]["kernel"]["a"]
   np.testing.assert_array_equal(a(split["layers_1"]), a(delta["layers"])[1])
   jax.tree.map(np.testing.assert_array_equal, model_lib.relayout(split, True), delta)
+  # a seed gives the same model in either layout
+  jax.tree.map(np.testing.assert_array_equal, model_lib.init(loop_cfg, jax.random.key(0)), looped)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(params, fwd):
