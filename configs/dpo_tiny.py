@@ -18,7 +18,7 @@ def get_config(arg=None):
   c.train.eval_batches = 8
   c.train.checkpoint_every = 100
   c.train.num_samples = 4
-  c.model.remat_policy = "full"
+  c.model.remat_policy = "none"           # as pretrain_tiny
   # A 1M-parameter model separates random negatives but hardly the hardest ones ("nearby" same-topic answers are
   # often fine answers too; experiments/dpo_accuracy_by_negative.py measures each kind): a fifth of hard pairs.
   c.data.hard_fraction = 0.2

@@ -19,7 +19,7 @@ def get_config(arg=None):
   c.train.eval_batches = 8
   c.train.checkpoint_every = 100
   c.train.num_samples = 4
-  c.model.remat_policy = "full"           # as pretrain_tiny
+  c.model.remat_policy = "none"           # as pretrain_tiny
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 20
   return c
