@@ -18,5 +18,5 @@ def get_config(arg=None):
   c.optimizer.learning_rate = 3e-3        # small models take large steps
   c.optimizer.warmup_steps = 50
   c.data.tokenizer.vocab_size = 2048
-  c.model.remat_policy = "none"           # no remat: 16% faster on a 2-core CPU than "full" (bench/RESULTS.md)
+  c.model.remat_policy = "none"           # no remat: 8-16% faster on a 2-core CPU than "full" (bench/RESULTS.md)
   return c
