@@ -85,7 +85,7 @@ class ModelConfig:
 
 # Size presets. vocab_size None means "the tokenizer's size", resolved by the trainer.
 PRESETS: dict[str, dict[str, Any]] = {
-    # tiny and small run their layers as a Python loop: on CPU 7-20% faster than the scan, and as fast to compile
+    # tiny and small run their layers as a Python loop: on CPU 7-14% faster than the scan, and as fast to compile
     # (bench/RESULTS.md); the larger presets scan (one compiled layer: compile time stays flat in depth).
     "tiny": dict(vocab_size=None, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
                  mlp_dim=384, tie_embeddings=True, scan_layers=False),
@@ -410,8 +410,7 @@ def _example_tokens():
 
 def init_boxed(cfg: ModelConfig, rng) -> Params:
   """Fresh parameters with their logical axes attached (nn.LogicallyPartitioned leaves). The same numbers for
-  either layer layout: a Python loop's layers get the values nn.scan draws, so a seed gives one model, and a run
-  computes the same with scan_layers True or False."""
+  either layer layout: a Python loop's layers get the values nn.scan draws, so a seed gives one model."""
   boxed = Transformer(cfg).init(rng, _example_tokens())["params"]
   if cfg.scan_layers:
     return boxed
