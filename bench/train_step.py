@@ -49,9 +49,8 @@ def bench_config(args):
   return config
 
 
-def stepper(config, model_cfg, compiler_options=None):
-  """The compiled train step on one fixed random batch, as `window(steps) -> tokens/s`; `compiler_options`: XLA
-  options of this step's compile only (jax.jit's), e.g. {"xla_cpu_enable_concurrency_optimized_scheduler": False}."""
+def stepper(config, model_cfg):
+  """The compiled train step on one fixed random batch, as `window(steps) -> tokens/s`."""
   loss_fn = tasks.make(config).loss_fn(model_cfg)
   tx = optim.optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh)
@@ -66,7 +65,7 @@ def stepper(config, model_cfg, compiler_options=None):
                                    lr_schedule=optim.schedule(config.optimizer, config.train.steps),
                                    grad_accum=config.train.grad_accum),
                  in_shardings=(state_sharding, batch_sharding, None), out_shardings=(state_sharding, None),
-                 donate_argnums=0, compiler_options=compiler_options)
+                 donate_argnums=0)
   state, m = step(state, batch, None)
   jax.block_until_ready(m)
   holder = [state]
