@@ -4,6 +4,7 @@ import ast
 import importlib.metadata
 import os
 import re
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,3 +41,12 @@ def test_imports_are_declared_bounded_and_pinned():
     for dist in dists & set(declared):
       assert "<" in declared[dist], f"{declared[dist]}: no upper bound"
       assert dist in pinned, f"{dist} is not pinned in constraints.txt"
+
+
+def test_import_turns_the_cpu_scheduler_flag_off_unless_xla_flags_name_it():
+  """jaxllm/__init__.py (bench/RESULTS.md, #19): the flag is appended to XLA_FLAGS, a user's own setting kept."""
+  flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
+  show = [sys.executable, "-c", "import os, jaxllm; print(os.environ['XLA_FLAGS'])"]
+  for given, want in (("--xla_foo=1", f"--xla_foo=1 {flag}=false"), (f"{flag}=true", f"{flag}=true")):
+    out = subprocess.run(show, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": given})
+    assert out.stdout.strip() == want, out.stderr[-2000:]
