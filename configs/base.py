@@ -25,6 +25,10 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
                                           # either layout initialize a run of the other.
   c.model.remat_policy = "none"           # none | full | dots | dots_no_batch | save_attn_out
   c.model.attention = "einsum"            # einsum | dot_product (jax.nn.dot_product_attention: cuDNN on GPU)
+  c.model.query_blocks = config_dict.placeholder(int)  # einsum attention in n query blocks, each against only the
+                                          # keys up to its end (less work, same numbers up to fp32 order). Unset:
+                                          # the preset's (tiny, small: 2; 1 with mesh.context > 1), or the init_from
+                                          # run's
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = "stdlib"               # "stdlib" (Python's own sources, no download) or globs of .txt/.jsonl

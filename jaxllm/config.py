@@ -110,6 +110,8 @@ def model_overrides(config) -> dict:
 def resolve_model(config, vocab_size: int) -> model_lib.ModelConfig:
   """The frozen ModelConfig the model sees, built in this one place. `vocab_size` is the tokenizer's."""
   overrides = model_overrides(config)
+  if overrides.get("query_blocks") is None and config.mesh.context != 1:
+    overrides["query_blocks"] = 1  # the blocks would slice the length that mesh.context shards
   preset_vocab = model_lib.PRESETS[config.model.size]["vocab_size"]
   vocab = overrides.pop("vocab_size") or preset_vocab or vocab_size
   if vocab < vocab_size:
@@ -192,6 +194,9 @@ def validate_mesh(config, num_devices: int | None):
     _check(length == "context" or "context" in (length or ()), "mesh.rules",
            f"mesh.context={axis_sizes['context']} but the rules split the 'length' axis over {length!r}: map "
            "'length' to 'context' (as sharding.RULES does)")
+    _check((config.model.get("query_blocks") or 1) == 1, "model.query_blocks",
+           f"{config.model.query_blocks} query blocks would slice the sequence that mesh.context="
+           f"{axis_sizes['context']} shards; use 1 (unset is 1 under context parallelism)")
     _check(config.train.seq_len % axis_sizes["context"] == 0, "train.seq_len",
            f"{config.train.seq_len} is not divisible by mesh.context={axis_sizes['context']}")
   if not config.init_from:  # the model's dims from its preset (an init_from run's are checked once resolved)

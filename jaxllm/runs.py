@@ -63,7 +63,8 @@ def resolved_config(config, model_cfg: model_lib.ModelConfig) -> dict:
 # and train.steps: where the run ends (the schedule follows the new length). Any other changed key is refused.
 MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
               "train.keep_checkpoints", "train.num_samples", "train.sample_tokens", "train.sample_prompts",
-              "train.grad_accum", "train.nan_policy", "mesh.", "model.remat_policy", "model.attention", "lora.merged",
+              "train.grad_accum", "train.nan_policy", "mesh.", "model.remat_policy", "model.attention", "model.query_blocks",
+              "lora.merged",
               "dpo.cache_reference", "data.on_bad_record", "data.max_bad_fraction", "eval.")
 
 
@@ -112,6 +113,11 @@ def model_config(run_dir: str) -> model_lib.ModelConfig:
   return _model_config_from(fields["model"])
 
 
+# ModelConfig fields an init_from run may choose for itself, and their values in sources written before the field
+# existed (scan_layers: the scan was the only layout).
+COMPUTE = {"dtype": "float32", "scan_layers": True, "remat_policy": "none", "attention": "einsum", "query_blocks": 1}
+
+
 def model_for(config, run_dir: str | None, vocab_size: int, resumed: str | None = None) -> model_lib.ModelConfig:
   """The ModelConfig a run trains: from the preset and the tokenizer (`vocab_size`), or that of the run
   `init_from` names (`run_dir`) with this config's compute choices (dtype, scan, remat). Shapes set in this
@@ -135,9 +141,12 @@ def model_for(config, run_dir: str | None, vocab_size: int, resumed: str | None 
       raise ConfigError(f"init_from: {e}") from e
   else:
     fields = dict(fields["model"])
+  if config.mesh.context != 1 and config.model.query_blocks is None:
+    config = config.copy_and_resolve_references()
+    config.model.query_blocks = 1  # as resolve_model: the blocks would slice the length that mesh.context shards
   for key, value in model_overrides(config).items():
-    if key in ("dtype", "scan_layers", "remat_policy", "attention"):
-      fields[key] = fields.get(key, True) if value is None else value  # scan_layers unset: the source's layout
+    if key in COMPUTE:  # how the model is computed, not what it is: unset, the source's (or its default)
+      fields[key] = fields.get(key, COMPUTE[key]) if value is None else value
     elif value is not None and value != fields[key]:
       raise ConfigError(f"model.{key}: {value} differs from {fields[key]} in the run init_from names ({run_dir})")
   return _model_config_from(fields)

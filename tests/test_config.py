@@ -142,3 +142,20 @@ def test_preference_options_are_checked_before_any_data(tmp_path, overrides, mes
     config_lib.override(c, key, value)
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c, num_devices=1)
+
+
+def test_query_blocks_follow_the_preset_and_yield_to_context_parallelism():
+  """model.query_blocks unset: the preset's (tiny: 2), 1 under mesh.context > 1, whose length the blocks would
+  slice; set to more than 1 with mesh.context > 1, refused naming the key."""
+  c = pretrain_tiny.get_config()
+  assert config_lib.resolve_model(c, 2048).query_blocks == 2
+  c.mesh.data, c.mesh.context, c.train.batch_size = 1, 2, 1
+  config_lib.validate(c, num_devices=2)
+  assert config_lib.resolve_model(c, 2048).query_blocks == 1
+  c.model.query_blocks = 2
+  with pytest.raises(config_lib.ConfigError, match=r"model\.query_blocks: 2 query blocks would slice"):
+    config_lib.validate(c, num_devices=2)
+  c.mesh.context, c.mesh.data = 1, 2
+  c.train.batch_size = 16
+  config_lib.validate(c, num_devices=2)
+  assert config_lib.resolve_model(c, 2048).query_blocks == 2

@@ -249,3 +249,25 @@ def test_dot_product_attention_equals_the_einsums(params, fwd):
   grads = [jax.tree.leaves(jax.jit(jax.grad(loss(c)))(params)) for c in (cfg, CFG)]
   for g, w in zip(*grads):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_query_blocks_equal_one_block(params, fwd):
+  """model.query_blocks: attention in n query blocks, each against the keys up to its end, on packed rows with
+  padding: the logits and gradients of one block (itself checked against the numpy reference above); a length
+  that n does not divide runs as one block."""
+  tokens = _tokens(6, (2, 12))
+  segments = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0], [1] * 12])
+  positions = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0], list(range(12))])
+  loss = lambda c: lambda p: jnp.sum(model_lib.forward(c, p, tokens, segments, positions)[..., :3] ** 2)
+  want_logits = fwd(CFG, params, tokens, segments, positions)
+  want_grads = jax.tree.leaves(jax.jit(jax.grad(loss(CFG)))(params))
+  for n in (2, 3, 5):  # 5 does not divide 12: one block
+    cfg = dataclasses.replace(CFG, query_blocks=n)
+    np.testing.assert_allclose(fwd(cfg, params, tokens, segments, positions), want_logits, atol=1e-5, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(jax.jit(jax.grad(loss(cfg)))(params)), want_grads):
+      np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+  hlo = lambda n: jax.jit(lambda p: model_lib.forward(dataclasses.replace(CFG, query_blocks=n), p, tokens)).lower(
+      params).as_text()
+  assert hlo(2).count("dot_general") > hlo(1).count("dot_general")  # the blocks are really there
+  with pytest.raises(ValueError, match="query_blocks"):
+    dataclasses.replace(CFG, query_blocks=0)
