@@ -4,13 +4,14 @@
 #   bench/identity.sh OUT_A                      # on the old commit (e.g. a git worktree of it)
 #   bench/identity.sh OUT_B                      # on the new one
 #   python bench/identity_compare.py OUT_A OUT_B
+# IDENTITY_ARGS adds overrides to every stage (IDENTITY_ARGS="--config.model.query_blocks=1" bench/identity.sh OUT).
 set -euo pipefail
 out=${1:?usage: bench/identity.sh OUT}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 steps=${STEPS:-60}
-common=(--config.train.num_samples=0 --config.train.log_every=1 --config.train.eval_every=20)
+common=(--config.train.num_samples=0 --config.train.log_every=1 --config.train.eval_every=20 ${IDENTITY_ARGS:-})
 python -m jaxllm.train --config configs/pretrain_tiny.py --workdir "$out/pretrain_tiny" "${common[@]}" \
     --config.train.steps=$((steps * 2)) --config.train.checkpoint_every=$((steps * 2)) > "$out/pretrain.log" 2>&1
 python -m jaxllm.train --config configs/sft_tiny.py --workdir "$out/sft_tiny" "${common[@]}" \
