@@ -18,6 +18,7 @@ import time
 import torch
 import transformers
 
+import jaxllm
 from jaxllm import model as model_lib
 
 
@@ -96,4 +97,5 @@ def main():
 
 
 if __name__ == "__main__":
+  jaxllm.relaunch_with_hugepages()  # as the jaxllm command runs (bench/RESULTS.md, #19)
   main()

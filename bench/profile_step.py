@@ -21,6 +21,8 @@ import time
 
 import jax
 
+import jaxllm
+
 import train_step as bench_step  # bench/train_step.py, beside this file
 from jaxllm import config as config_lib
 
@@ -168,4 +170,5 @@ def main():
 
 
 if __name__ == "__main__":
+  jaxllm.relaunch_with_hugepages()  # as the jaxllm command runs (bench/RESULTS.md, #19)
   main()

@@ -112,16 +112,19 @@ def peer(config, model_cfg, args):
   command = [sys.executable, os.path.join(os.path.dirname(__file__), "peer.py"), "--size", args.size, "--vocab",
              str(args.vocab), "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
   print(f"{args.size} (d {model_cfg.d_model}, {model_cfg.num_layers} layers, vocab {args.vocab}), batch {args.batch} "
-        f"x {args.seq}, float32, AdamW, on {jax.devices()[0].device_kind} ({os.cpu_count()} cores); glibc malloc "
-        f"{'kept freed memory' if jaxllm.MALLOC_TUNED else 'as is'} here, {args.peer_malloc} in the peer\n")
+        f"x {args.seq}, float32, AdamW, on {jax.devices()[0].device_kind} ({os.cpu_count()} cores); "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} here, {args.peer_malloc} in the peer\n")
   print("| round | jaxllm tokens/s | PyTorch tokens/s | ratio | jaxllm matmul FLOP/s / XLA fp32 matmul | "
         "PyTorch's / torch fp32 matmul |")
   print("| ---: | ---: | ---: | ---: | ---: | ---: |")
   ratios = []
   for r in range(args.rounds):
     ours = max(window(args.steps) for _ in range(3))
-    result = subprocess.run(command, capture_output=True, text=True, check=False,
-                            env={**os.environ, "JAXLLM_MALLOC": args.peer_malloc})
+    env = dict(os.environ)
+    if args.peer_malloc == "system":
+      env.pop("GLIBC_TUNABLES", None)
+      env["JAXLLM_MALLOC"] = "system"
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if result.returncode:
       raise SystemExit(f"bench/peer.py failed (pip install -e '.[bench]' for torch + transformers):\n"
                        f"{result.stderr[-2000:]}")
@@ -147,9 +150,9 @@ def main():
                       "--seq 2048)")
   p.add_argument("--peer", action="store_true",
                  help="alternate jaxllm's step with bench/peer.py's PyTorch step (A/B/A/B) and print the ratio")
-  p.add_argument("--peer-malloc", choices=("keep", "system"), default="keep",
-                 help="the peer's glibc malloc: keep (as `import jaxllm` sets it, which peer.py does: the same as "
-                      "jaxllm's) or system (glibc's defaults, PyTorch as it runs out of the box)")
+  p.add_argument("--peer-malloc", choices=("hugepages", "system"), default="hugepages",
+                 help="the peer's glibc malloc: hugepages (as jaxllm's: jaxllm.relaunch_with_hugepages) or system "
+                      "(glibc's defaults, PyTorch as it runs out of the box)")
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--variants", default="", help="comma-separated names of the variants to time (default: all)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -195,4 +198,5 @@ def main():
 
 
 if __name__ == "__main__":
+  jaxllm.relaunch_with_hugepages()  # as the jaxllm command runs (bench/RESULTS.md, #19)
   main()

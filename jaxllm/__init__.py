@@ -1,8 +1,7 @@
 """jaxllm: pretraining, SFT, LoRA and DPO of decoder-only language models in JAX."""
 
-import ctypes
-import ctypes.util
 import os
+import platform
 import sys
 
 __version__ = "0.1.0"
@@ -15,25 +14,50 @@ _CPU_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler"
 if _CPU_SCHEDULER not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CPU_SCHEDULER}=false".strip()
 
+HUGEPAGES = "glibc.malloc.hugetlb=1"
+_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
-def _keep_freed_memory() -> bool:
-  """glibc keeps freed memory for reuse instead of returning it to the system. XLA:CPU allocates each step's
-  temporaries as one block (147 MB for the tiny preset's train step), which glibc would map fresh and unmap after
-  every step, so each step page-faulted all of it again: ~36,000 faults and a third of the step's CPU time
-  (bench/RESULTS.md, #19). With one arena, no mmap'd chunks and trimming only above 2 GiB, the block is reused.
-  The process's resident memory then stays at its peak. Off with JAXLLM_MALLOC=system, or when the environment
-  already tunes glibc's malloc (GLIBC_TUNABLES, MALLOC_*_). Returns whether it applied."""
-  if os.environ.get("JAXLLM_MALLOC", "keep") == "system" or not sys.platform.startswith("linux"):
-    return False
-  if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
-    return False
+
+def relaunch_with_hugepages() -> None:
+  """Runs this process again (os.execv: the same interpreter, arguments and pid) with GLIBC_TUNABLES=HUGEPAGES,
+  under which glibc's malloc asks for transparent huge pages for its large blocks.
+
+  Why: XLA:CPU allocates each step's temporaries as one block (147 MB for the tiny preset's train step), which
+  glibc maps fresh and unmaps after every step; in 4 KiB pages every step faulted all of it in again: ~36,000
+  faults, a third of the tiny step's CPU time (bench/RESULTS.md, #19). In 2 MiB pages it is ~70 faults. glibc
+  reads its tunables only when a process starts, hence the relaunch.
+
+  Does nothing where GLIBC_TUNABLES is already set (by the user, or by this relaunch), JAXLLM_MALLOC=system, the
+  C library is not glibc >= 2.35, or the kernel's transparent huge pages are off. The `jaxllm` command and
+  `python -m jaxllm.<command>` call it before anything else is imported; call it from a script's main block."""
+  if "GLIBC_TUNABLES" in os.environ or os.environ.get("JAXLLM_MALLOC") == "system":
+    return
+  lib, version = platform.libc_ver()
+  if lib != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+    return
   try:
-    mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-  except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-    return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-  return all(mallopt(option, value) == 1
-             for option, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
+    with open(_THP) as f:
+      if "[never]" in f.read():
+        return
+  except OSError:
+    return
+  os.environ["GLIBC_TUNABLES"] = HUGEPAGES
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
-MALLOC_TUNED = _keep_freed_memory()
+def _is_command(argv: list) -> bool:
+  """Whether the process was started as a jaxllm command: `jaxllm ...` or `python -m jaxllm.<module> ...`."""
+  rest = list(argv[1:])
+  while rest and rest[0].startswith("-"):  # the interpreter's options, up to -m MODULE or the script
+    option = rest.pop(0)
+    if option == "-m":
+      return bool(rest) and rest[0].startswith("jaxllm.")
+    if option in ("-X", "-W") and rest:
+      rest.pop(0)
+  return bool(rest) and os.path.basename(rest[0]) == "jaxllm"
+
+
+if _is_command(sys.orig_argv):
+  relaunch_with_hugepages()

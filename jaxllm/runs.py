@@ -63,9 +63,8 @@ def resolved_config(config, model_cfg: model_lib.ModelConfig) -> dict:
 # and train.steps: where the run ends (the schedule follows the new length). Any other changed key is refused.
 MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
               "train.keep_checkpoints", "train.num_samples", "train.sample_tokens", "train.sample_prompts",
-              "train.grad_accum", "train.nan_policy", "mesh.", "model.remat_policy", "model.attention", "model.query_blocks",
-              "lora.merged",
-              "dpo.cache_reference", "data.on_bad_record", "data.max_bad_fraction", "eval.")
+              "train.grad_accum", "train.nan_policy", "mesh.", "model.remat_policy", "model.attention",
+              "model.query_blocks", "lora.merged", "dpo.cache_reference", "data.on_bad_record", "data.max_bad_fraction", "eval.")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
