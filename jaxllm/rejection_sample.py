@@ -10,7 +10,9 @@ ignored, so SFT and preference files serve as they are. The prompts are taken in
 --shard-prompts. For shard k, DIR/shards/best-k.jsonl holds one SFT record per prompt ({"prompt", "response",
 "score", "scores"}: the best answer, its score, every sample's score) and DIR/shards/pairs-k.jsonl one preference
 record per prompt whose best and worst answers differ ({"prompt", "chosen", "rejected", "chosen_score",
-"rejected_score", "margin"}; `margin` feeds the reward model's margin loss). A shard's files are written
+"rejected_score", "margin"}; `margin` feeds the reward model's margin loss). An empty answer (the policy stopped
+at once) is never chosen, since SFT and preference readers refuse empty responses; a prompt whose answers are all
+empty gets no record. A shard's files are written
 atomically once all its prompts are done, and its samples depend only on (--seed, k): a rerun skips finished
 shards, so an interrupted job resumes to the files an uninterrupted one writes, without duplicates or gaps. Once
 every shard is done, DIR/best.jsonl and DIR/pairs.jsonl concatenate them in order. DIR/manifest.json records the
@@ -61,8 +63,13 @@ def best_and_worst(scores) -> tuple[int, int]:
   return int(np.argmax(scores)), int(np.argmin(scores))
 
 
-def _records(prompt, answers: list[str], scores: np.ndarray) -> tuple[dict, dict | None]:
-  best, worst = best_and_worst(scores)
+def _records(prompt, answers: list[str], scores: np.ndarray) -> tuple[dict | None, dict | None]:
+  """(SFT record, preference pair or None) of one prompt's answers. An empty answer (the policy stopped at once)
+  is never chosen: SFT and preference readers refuse empty responses. All answers empty: (None, None)."""
+  usable = [i for i, a in enumerate(answers) if a.strip()]
+  if not usable:
+    return None, None
+  best, worst = (usable[i] for i in best_and_worst(np.asarray(scores)[usable]))
   text = prompt[0]["content"] if len(prompt) == 1 else prompt
   sft = {"prompt": text, "response": answers[best], "score": float(scores[best]),
          "scores": [round(float(s), 6) for s in scores]}
@@ -125,7 +132,8 @@ class Sampler:
       for i, prompt in enumerate(batch):
         answers = texts[i * n:(i + 1) * n]
         sft, pair = _records(prompt, answers, scores[i * n:(i + 1) * n])
-        sft_rows.append(sft)
+        if sft:
+          sft_rows.append(sft)
         if pair:
           pair_rows.append(pair)
     return sft_rows, pair_rows
@@ -165,7 +173,8 @@ def run(args) -> dict:
     done_prompts += len(part)
     rate = done_prompts * args.samples / (time.time() - start)
     left = sum(len(prompts[j * args.shard_prompts:(j + 1) * args.shard_prompts]) for j in todo[step:])
-    print(f"shard {k + 1}/{num_shards} | {len(pair_rows)}/{len(part)} pairs | {rate:.1f} samples/s | eta "
+    print(f"shard {k + 1}/{num_shards} | {len(pair_rows)}/{len(part)} pairs | {len(part) - len(sft_rows)} prompts "
+          f"with only empty answers | {rate:.1f} samples/s | eta "
           f"{time.strftime('%H:%M:%S', time.gmtime(left * args.samples / rate))}", flush=True)
   counts = {"shards": num_shards, "sampled_now": len(todo), "prompts": len(prompts)}
   if all(os.path.exists(name("pairs", k)) for k in range(num_shards)) and jax.process_index() == 0:

@@ -193,6 +193,19 @@ def test_best_of_n_keeps_the_argmax_by_an_independent_score_and_resumes(pretrain
     _sample(pretrained, reward_run, prompts, tmp_path / "b", samples=3)
 
 
+def test_an_empty_answer_is_never_chosen():
+  """rejection_sample._records: SFT and preference readers refuse empty responses, so the best and the worst are
+  taken among the non-empty answers; a prompt with no other answer gets no record."""
+  _records = rejection_sample._records
+  prompt = [{"role": "user", "content": "q"}]
+  sft, pair = _records(prompt, ["", "good", "  ", "bad", "ok"], np.array([9.0, 2.0, 8.0, -1.0, 0.5]))
+  assert (sft["response"], sft["score"], sft["scores"]) == ("good", 2.0, [9.0, 2.0, 8.0, -1.0, 0.5])
+  assert (pair["chosen"], pair["rejected"], pair["margin"]) == ("good", "bad", 3.0)
+  sft, pair = _records(prompt, ["", "only", ""], np.array([5.0, 1.0, 7.0]))
+  assert sft["response"] == "only" and pair is None
+  assert _records(prompt, ["", " \n"], np.array([1.0, 2.0])) == (None, None)
+
+
 def test_rejection_sampling_refusals(pretrained, reward_run, tmp_path):
   prompts = tmp_path / "p.jsonl"
   prompts.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
