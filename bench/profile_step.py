@@ -7,6 +7,12 @@ what each HLO op is (matmul, a fusion with or without a matmul in it, copy/trans
 The trace (TensorBoard / Perfetto) stays under --logdir. The PyTorch peer's own breakdown is
 `python bench/peer.py --profile` (torch.profiler). Shares are of the summed thunk time over all threads, so ops
 that run concurrently on the thread pool count in full.
+
+What the thunk events do not show: (1) plain `dot` ops (XLA:CPU's Eigen matmuls, e.g. the weight gradients x^T dy)
+run as tasks on the pool, and their events cover only the dispatch; (2) the kernel's time, above all the page
+faults of memory mapped fresh each step. The first line therefore also prints the process's CPU time in the
+kernel and its minor page faults per step (getrusage): thousands of faults a step mean XLA's temporaries are
+being mapped anew (bench/RESULTS.md, #19: jaxllm.relaunch_with_hugepages).
 """
 
 import argparse
@@ -16,6 +22,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import tempfile
 import time
 
@@ -133,9 +140,9 @@ def main():
   kinds, parts = hlo_kinds(text), hlo_parts(text)
   start = time.time()
   with jax.profiler.trace(args.logdir, create_perfetto_trace=True):
-    wall = time.perf_counter()
+    usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     tps = window(args.steps)
-    wall = time.perf_counter() - wall
+    wall, after = time.perf_counter() - wall, resource.getrusage(resource.RUSAGE_SELF)
   trace = max(glob.glob(os.path.join(args.logdir, "**", "perfetto_trace.json.gz"), recursive=True),
               key=os.path.getmtime)
   assert os.path.getmtime(trace) >= start - 1, trace
@@ -150,7 +157,9 @@ def main():
   print(f"{args.size}, batch {args.batch} x {args.seq}: {tps:,.0f} tokens/s under the profiler, "
         f"{1e3 * wall / args.steps:.1f} ms/step wall, {per_step(busy):.1f} ms/step of thunk time over all threads; "
         f"{len(kinds)} HLO ops in the optimized module ({sum(k == 'fusion' for k in kinds.values())} fusions, "
-        f"{sum(k in ('dot', 'fusion (matmul)') for k in kinds.values())} matmuls or fusions with one)\n")
+        f"{sum(k in ('dot', 'fusion (matmul)') for k in kinds.values())} matmuls or fusions with one); "
+        f"{1e3 * (after.ru_stime - usage.ru_stime) / args.steps:.1f} ms/step of CPU time in the kernel, "
+        f"{(after.ru_minflt - usage.ru_minflt) / args.steps:,.0f} minor page faults/step\n")
   print("| what | ms/step | share |")
   print("| --- | ---: | ---: |")
   for name, us in groups.most_common():
