@@ -24,7 +24,7 @@ def relaunch_with_hugepages() -> None:
 
   Why: XLA:CPU allocates each step's temporaries as one block (147 MB for the tiny preset's train step), which
   glibc maps fresh and unmaps after every step; in 4 KiB pages every step faulted all of it in again: ~36,000
-  faults, a third of the tiny step's CPU time (bench/RESULTS.md, #19). In 2 MiB pages it is ~70 faults. glibc
+  faults, a third of the tiny step's CPU time (bench/RESULTS.md, #19). In 2 MiB pages it is a few hundred. glibc
   reads its tunables only when a process starts, hence the relaunch.
 
   Does nothing where GLIBC_TUNABLES is already set (by the user, or by this relaunch), JAXLLM_MALLOC=system, the

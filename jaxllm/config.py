@@ -103,15 +103,17 @@ def _check(cond: bool, key: str, message: str):
 
 
 def model_overrides(config) -> dict:
-  """The config.model fields that override the preset (all but `size`), None where unset."""
-  return {k: v for k, v in config.model.items() if k != "size"}
+  """The config.model fields that override the preset (all but `size`), None where unset; query_blocks unset is 1
+  under mesh.context != 1, whose split of the sequence the blocks would cut across."""
+  out = {k: v for k, v in config.model.items() if k != "size"}
+  if out.get("query_blocks") is None and config.mesh.context != 1:
+    out["query_blocks"] = 1
+  return out
 
 
 def resolve_model(config, vocab_size: int) -> model_lib.ModelConfig:
   """The frozen ModelConfig the model sees, built in this one place. `vocab_size` is the tokenizer's."""
   overrides = model_overrides(config)
-  if overrides.get("query_blocks") is None and config.mesh.context != 1:
-    overrides["query_blocks"] = 1  # the blocks would slice the length that mesh.context shards
   preset_vocab = model_lib.PRESETS[config.model.size]["vocab_size"]
   vocab = overrides.pop("vocab_size") or preset_vocab or vocab_size
   if vocab < vocab_size:

@@ -64,7 +64,8 @@ def resolved_config(config, model_cfg: model_lib.ModelConfig) -> dict:
 MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
               "train.keep_checkpoints", "train.num_samples", "train.sample_tokens", "train.sample_prompts",
               "train.grad_accum", "train.nan_policy", "mesh.", "model.remat_policy", "model.attention",
-              "model.query_blocks", "lora.merged", "dpo.cache_reference", "data.on_bad_record", "data.max_bad_fraction", "eval.")
+              "model.query_blocks", "lora.merged", "dpo.cache_reference", "data.on_bad_record",
+              "data.max_bad_fraction", "eval.")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -140,9 +141,6 @@ def model_for(config, run_dir: str | None, vocab_size: int, resumed: str | None 
       raise ConfigError(f"init_from: {e}") from e
   else:
     fields = dict(fields["model"])
-  if config.mesh.context != 1 and config.model.query_blocks is None:
-    config = config.copy_and_resolve_references()
-    config.model.query_blocks = 1  # as resolve_model: the blocks would slice the length that mesh.context shards
   for key, value in model_overrides(config).items():
     if key in COMPUTE:  # how the model is computed, not what it is: unset, the source's (or its default)
       fields[key] = fields.get(key, COMPUTE[key]) if value is None else value
