@@ -228,13 +228,58 @@ def cached_attention_mask(segment_ids_BxT, cache: KVCache):
   return jnp.concatenate([(filled_S & same_BxTxS)[:, None, None], attention_mask(segment_ids_BxT)], axis=-1)
 
 
+def matmul(x_NxI, w_IxO):
+  """x · w, 2-D. On CPU through _cpu_matmul, whose backward pass computes the weight gradient in the orientation
+  XLA:CPU runs fastest; elsewhere the plain matmul (GPU libraries take any orientation at full speed)."""
+  if jax.default_backend() == "cpu":
+    return _cpu_matmul(x_NxI, w_IxO)
+  return x_NxI @ w_IxO
+
+
+@jax.custom_vjp
+def _cpu_matmul(x_NxI, w_IxO):
+  """x · w with the weight gradient xᵀ·dy made with its shorter side as rows, [I, O] or [O, I] then transposed.
+  XLA:CPU runs a weight gradient's dot (it contracts the tokens, the operands' leading dim) with Eigen, 1.2-2.4x
+  faster with the shorter side as rows: the tied logits' [V, D] = [2048, 128] gradient of the tiny preset at 160
+  GFLOP/s as itself, 390 as [D, V] transposed (bench/RESULTS.md, #19). The optimization barrier keeps XLA from
+  folding the transpose back into the dot, here and in a caller's (Embed.attend's wᵀ). The same numbers: the dot
+  sums over the tokens in the same order either way."""
+  return x_NxI @ w_IxO
+
+
+def _cpu_matmul_fwd(x_NxI, w_IxO):
+  return x_NxI @ w_IxO, (x_NxI, w_IxO)
+
+
+def _cpu_matmul_bwd(residuals, dy_NxO):
+  x_NxI, w_IxO = residuals
+  i, o = w_IxO.shape
+  if i > o:
+    dw_IxO = jax.lax.optimization_barrier(dy_NxO.T @ x_NxI).T
+  else:
+    dw_IxO = jax.lax.optimization_barrier(x_NxI.T @ dy_NxO)
+  return dy_NxO @ w_IxO.T, dw_IxO
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+
+
+class Embed(nn.Embed):
+  """nn.Embed whose attend (the tied logits x · Eᵀ) goes through matmul: on CPU its gradient [V, D] is made as
+  [D, V] and transposed (_cpu_matmul). The same parameters and lookups; LoRA intercepts attend as before."""
+
+  def attend(self, query):
+    query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
+    return matmul(query, embedding.T)
+
+
 def flat_matmul(x, w, n: int = 1):
   """x · w contracting x's last `n` dims with w's first `n`, computed as one 2-D matmul [tokens, fan_in] @
   [fan_in, fan_out]. The same numbers as the einsum; but the weight gradient then contracts one dim (tokens)
   rather than several (batch, length), which XLA:CPU runs through a full transpose of the output gradient
   (bench/train_step.py measures the step). On GPU the reshapes are free bitcasts."""
   fan_in = math.prod(w.shape[:n])
-  y = x.reshape(-1, fan_in) @ w.reshape(fan_in, -1)
+  y = matmul(x.reshape(-1, fan_in), w.reshape(fan_in, -1))
   return y.reshape(*x.shape[:x.ndim - n], *w.shape[n:])
 
 
@@ -382,8 +427,8 @@ class Transformer(nn.Module):
     else:
       mask_Bx1x1xTxS, kv = attention_mask(segment_ids_BxT), None
 
-    embed = nn.Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=jnp.float32, name="embed",
-                     embedding_init=_param(_dense_init(c.d_model), ("vocab", "embed")))
+    embed = Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=jnp.float32, name="embed",
+                  embedding_init=_param(_dense_init(c.d_model), ("vocab", "embed")))
     x_BxTxD = embed(tokens_BxT) if embeddings_BxTxD is None else embeddings_BxTxD.astype(dt)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
 

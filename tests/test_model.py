@@ -271,3 +271,35 @@ def test_query_blocks_equal_one_block(params, fwd):
   assert hlo(2).count("dot_general") > hlo(1).count("dot_general")  # the blocks are really there
   with pytest.raises(ValueError, match="query_blocks"):
     dataclasses.replace(CFG, query_blocks=0)
+
+
+def test_cpu_matmul_makes_the_weight_gradient_with_its_shorter_side_as_rows():
+  """model.matmul on CPU (_cpu_matmul): values and both gradients against numpy in float64, bit-equal to autodiff
+  of the plain x @ w; and in the optimized step the weight gradient's dot computes [shorter, longer] whichever
+  way the weight is laid out, the tied logits' [V, D] gradient included (the barrier keeps XLA from folding the
+  transpose back: without it the dot computes [V, D] again)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(64, 24)).astype(np.float32)
+  for i, o in ((24, 8), (24, 40)):
+    w, dy = rng.normal(size=(i, o)).astype(np.float32), rng.normal(size=(64, o)).astype(np.float32)
+    loss = lambda mm: jax.jit(jax.grad(lambda x, w: jnp.sum(mm(x, w) * dy), argnums=(0, 1)))
+    dx, dw = loss(model_lib.matmul)(x, w)
+    np.testing.assert_allclose(model_lib.matmul(x, w), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dy.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, x.T.astype(np.float64) @ dy, rtol=1e-5, atol=1e-5)
+    plain_dx, plain_dw = loss(lambda x, w: x @ w)(x, w)
+    np.testing.assert_array_equal(dx, plain_dx)
+    np.testing.assert_array_equal(dw, plain_dw)
+    assert _dot_outputs(loss(model_lib.matmul), x, w) >= {f"f32[{min(i, o)},{max(i, o)}]"}
+
+  embed = model_lib.Embed(96, 24, dtype=jnp.float32)
+  e = embed.init(jax.random.key(0), jnp.zeros((1,), jnp.int32))
+  grad_e = jax.jit(jax.grad(lambda e, x: jnp.sum(embed.apply(e, x, method="attend") ** 2)))
+  dots = _dot_outputs(grad_e, e, x)
+  assert "f32[24,96]" in dots and "f32[96,24]" not in dots, dots  # [D, V]: the shorter side as rows
+
+
+def _dot_outputs(fn, *args) -> set[str]:
+  """The result shapes of the dots in fn's optimized (compiled) HLO."""
+  hlo = fn.lower(*args).compile().as_text()
+  return {line.split("=")[1].split("{")[0].strip() for line in hlo.splitlines() if " dot(" in line}
