@@ -107,7 +107,6 @@ def peer(config, model_cfg, args):
   """jaxllm's step and the PyTorch peer's, A/B/A/B: each round times jaxllm in this process (the compiled step
   kept) and then the peer in a subprocess (bench/peer.py, same shapes), so both see the same machine load."""
   window = stepper(config, model_cfg)
-  xla_matmul = metrics.measure_peak_flops("float32")
   fpt = model_lib.flops_per_token(model_cfg, args.seq)
   command = [sys.executable, os.path.join(os.path.dirname(__file__), "peer.py"), "--size", args.size, "--vocab",
              str(args.vocab), "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
@@ -120,6 +119,7 @@ def peer(config, model_cfg, args):
   ratios = []
   for r in range(args.rounds):
     ours = max(window(args.steps) for _ in range(3))
+    xla_matmul = metrics.measure_peak_flops("float32", fresh=True)  # beside the step: it moves 10-15% by the minute
     env = dict(os.environ)
     if args.peer_malloc == "system":
       env.pop("GLIBC_TUNABLES", None)

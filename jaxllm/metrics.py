@@ -101,13 +101,17 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
   return measure_peak_flops(dtype), "measured"
 
 
-def measure_peak_flops(dtype: str = "float32", n: int | None = None, seconds: float = 0.3, trials: int = 3) -> float:
+def measure_peak_flops(dtype: str = "float32", n: int | None = None, seconds: float = 0.3, trials: int = 3,
+                       fresh: bool = False) -> float:
   """FLOP/s of a large square matmul on the default device, in `dtype`: the denominator of MFU.
   The best of `trials` timed windows of about `seconds` each; measured once per process and setting (a second
   run in the same process, as in tests and notebooks, reuses it). With JAXLLM_PEAK_FLOPS_CACHE=FILE set (the test
-  suite sets it), processes share one measurement per setting through that JSON file."""
+  suite sets it), processes share one measurement per setting through that JSON file. `fresh` measures now and
+  caches nothing: a benchmark beside the step it divides, on a machine whose speed moves."""
   dev = jax.devices()[0]
   key = (dev.platform, dev.device_kind, dtype, n or (8192 if dev.platform == "gpu" else 1024), seconds, trials)
+  if fresh:
+    return _measure_peak_flops.__wrapped__(*key)
   path = os.environ.get("JAXLLM_PEAK_FLOPS_CACHE")
   if not path:
     return _measure_peak_flops(*key)

@@ -1,6 +1,7 @@
 """The model against an independent numpy implementation, and its structural properties."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -234,6 +235,11 @@ def test_mfu_peak_is_the_datasheet_on_known_gpus():
   assert metrics.datasheet_peak("cpu") is None
   peak, how = metrics.peak_flops()  # this CPU: measured
   assert how == "measured" and peak > 0
+  cache, kept = os.environ["JAXLLM_PEAK_FLOPS_CACHE"], metrics._measure_peak_flops.cache_info().currsize
+  before = open(cache).read()
+  fresh = metrics.measure_peak_flops("float32", n=64, seconds=0.01, trials=1, fresh=True)  # measured now, not kept
+  assert fresh > 0 and open(cache).read() == before
+  assert metrics._measure_peak_flops.cache_info().currsize == kept
 
 
 def test_dot_product_attention_equals_the_einsums(params, fwd):
