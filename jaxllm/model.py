@@ -354,19 +354,20 @@ class Attention(nn.Module):
 
 
 def einsum_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1x1xTxS, dtype, blocks: int = 1):
-  """Softmax attention of grouped queries over keys and values [B, S, K, E], as matmuls batched over (batch, kv
-  head): the G queries of each position that share a kv head are rows (t, g) of one [T·G, E] x [E, S] matmul, the
-  layout XLA:CPU runs fastest (per layer, forward and backward, small preset: 12 ms against 20 ms with the heads
-  among the rows; bench/RESULTS.md), t-major so that a sequence sharded over mesh.context stays in contiguous
-  rows. With `blocks` n > 1 (S = T, n divides T): causal attention in n query blocks, block i against the keys up
-  to its last query only, so the corner the mask hides is not computed. Scores and softmax in float32."""
+  """Softmax attention of grouped queries over keys and values [B, S, K, E], as matmuls batched over (batch, kv head):
+  the G queries of each position that share a kv head are rows (t, g) of one [T·G, E] x [E, S] matmul, on operands
+  transposed once to [B, K, ...]. XLA:CPU runs this fastest: per layer, forward and backward, small preset, 12 ms
+  against 19-21 ms for einsums straight on [B, T, K, G, E], whose key gradient contracts two dims
+  (bench/RESULTS.md). The rows are t-major, so that a sequence sharded over mesh.context stays contiguous. With
+  `blocks` n > 1 (S = T, n divides T): causal attention in n query blocks, block i against the keys up to its last
+  query only, so the corner the mask hides is not computed. Scores and softmax in float32."""
   b, t, k, g, e = q_BxTxKxGxE.shape
   s = k_BxSxKxE.shape[1]
   q_BxKxTxGxE = q_BxTxKxGxE.transpose(0, 2, 1, 3, 4)
   k_BxKxSxE, v_BxKxSxE = (x.astype(dtype).transpose(0, 2, 1, 3) for x in (k_BxSxKxE, v_BxSxKxE))
   outs = []
   for i in range(blocks):
-    start, end = i * t // blocks, (i + 1) * t // blocks  # this block's queries; its keys 0 .. end (all with 1)
+    start, end = i * t // blocks, (i + 1) * t // blocks  # this block's queries; its keys: 0 .. end (one block: S)
     keys, rows = s if blocks == 1 else end, (end - start) * g
     q_BxKxMxE = q_BxKxTxGxE[:, :, start:end].reshape(b, k, rows, e)
     logits_BxKxMxS = jnp.einsum("bkme,bkse->bkms", q_BxKxMxE, k_BxKxSxE[:, :, :keys],
