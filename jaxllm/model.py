@@ -228,22 +228,30 @@ def cached_attention_mask(segment_ids_BxT, cache: KVCache):
   return jnp.concatenate([(filled_S & same_BxTxS)[:, None, None], attention_mask(segment_ids_BxT)], axis=-1)
 
 
-def matmul(x_NxI, w_IxO):
-  """x · w, 2-D. On CPU through _cpu_matmul, whose backward pass computes the weight gradient in the orientation
-  XLA:CPU runs fastest; elsewhere the plain matmul (GPU libraries take any orientation at full speed)."""
-  if jax.default_backend() == "cpu":
+def matmul(x_NxI, w_IxO, preferred_element_type=None):
+  """x · w over the last two dims; leading dims, the same in both, are batch. On CPU through _cpu_matmul, whose
+  backward pass makes the gradient of w in the orientation XLA:CPU runs fastest. Elsewhere, and when the product is
+  wanted in another dtype than the operands' (float32 scores of bfloat16 queries), the plain matmul: GPU libraries
+  take any orientation at full speed."""
+  same = preferred_element_type in (None, x_NxI.dtype) and x_NxI.dtype == w_IxO.dtype
+  if jax.default_backend() == "cpu" and same:
     return _cpu_matmul(x_NxI, w_IxO)
-  return x_NxI @ w_IxO
+  return jnp.matmul(x_NxI, w_IxO, preferred_element_type=preferred_element_type)
+
+
+def _transposed(a):
+  return jnp.swapaxes(a, -1, -2)
 
 
 @jax.custom_vjp
 def _cpu_matmul(x_NxI, w_IxO):
-  """x · w with the weight gradient xᵀ·dy made with its shorter side as rows, [I, O] or [O, I] then transposed.
-  XLA:CPU runs a weight gradient's dot (it contracts the tokens, the operands' leading dim) with Eigen, 1.2-2.4x
-  faster with the shorter side as rows: the tied logits' [V, D] = [2048, 128] gradient of the tiny preset at 160
-  GFLOP/s as itself, 390 as [D, V] transposed (bench/RESULTS.md, #19). The optimization barrier keeps XLA from
-  folding the transpose back into the dot, here and in a caller's (Embed.attend's wᵀ). The same numbers: the dot
-  sums over the tokens in the same order either way."""
+  """x · w with the gradient of w, xᵀ·dy, made with its shorter side as rows: [I, O], or [O, I] then transposed.
+  XLA:CPU runs such a dot (it contracts the operands' rows: a weight's tokens, a key's queries) 1.2-3x faster with
+  the shorter side as rows: the tied logits' [V, D] = [2048, 128] gradient of the tiny preset at 160 GFLOP/s as
+  itself, 390 as [D, V] transposed; attention's key and value gradients [S, E] at 64-153 against 120-239
+  (bench/RESULTS.md, #19). The optimization barrier keeps XLA from folding the transpose back into the dot, here
+  and in a caller's (Embed.attend's Eᵀ, attention's kᵀ). The same numbers: the dot sums over the rows in the same
+  order either way."""
   return x_NxI @ w_IxO
 
 
@@ -253,12 +261,12 @@ def _cpu_matmul_fwd(x_NxI, w_IxO):
 
 def _cpu_matmul_bwd(residuals, dy_NxO):
   x_NxI, w_IxO = residuals
-  i, o = w_IxO.shape
+  i, o = w_IxO.shape[-2:]
   if i > o:
-    dw_IxO = jax.lax.optimization_barrier(dy_NxO.T @ x_NxI).T
+    dw_IxO = _transposed(jax.lax.optimization_barrier(_transposed(dy_NxO) @ x_NxI))
   else:
-    dw_IxO = jax.lax.optimization_barrier(x_NxI.T @ dy_NxO)
-  return dy_NxO @ w_IxO.T, dw_IxO
+    dw_IxO = jax.lax.optimization_barrier(_transposed(x_NxI) @ dy_NxO)
+  return dy_NxO @ _transposed(w_IxO), dw_IxO
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
@@ -370,13 +378,13 @@ def einsum_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1x1xTxS, dtype, b
     start, end = i * t // blocks, (i + 1) * t // blocks  # this block's queries; its keys: 0 .. end (one block: S)
     keys, rows = s if blocks == 1 else end, (end - start) * g
     q_BxKxMxE = q_BxKxTxGxE[:, :, start:end].reshape(b, k, rows, e)
-    logits_BxKxMxS = jnp.einsum("bkme,bkse->bkms", q_BxKxMxE, k_BxKxSxE[:, :, :keys],
-                                preferred_element_type=jnp.float32) / math.sqrt(e)
+    logits_BxKxMxS = matmul(q_BxKxMxE, _transposed(k_BxKxSxE[:, :, :keys]),
+                            preferred_element_type=jnp.float32) / math.sqrt(e)
     mask_Bx1xMxS = jnp.broadcast_to(mask_Bx1x1xTxS[:, :, 0, start:end, None, :keys],
                                     (b, 1, end - start, g, keys)).reshape(b, 1, rows, keys)
     logits_BxKxMxS = jnp.where(mask_Bx1xMxS, logits_BxKxMxS, jnp.finfo(jnp.float32).min)
     probs_BxKxMxS = jax.nn.softmax(logits_BxKxMxS, axis=-1).astype(dtype)
-    out_BxKxMxE = jnp.einsum("bkms,bkse->bkme", probs_BxKxMxS, v_BxKxSxE[:, :, :keys])
+    out_BxKxMxE = matmul(probs_BxKxMxS, v_BxKxSxE[:, :, :keys])
     outs.append(out_BxKxMxE.reshape(b, k, end - start, g, e))
   return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4)
 

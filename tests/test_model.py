@@ -285,23 +285,23 @@ def test_cpu_matmul_makes_the_weight_gradient_with_its_shorter_side_as_rows():
   way the weight is laid out, the tied logits' [V, D] gradient included (the barrier keeps XLA from folding the
   transpose back: without it the dot computes [V, D] again)."""
   rng = np.random.default_rng(0)
-  x = rng.normal(size=(64, 24)).astype(np.float32)
-  for i, o in ((24, 8), (24, 40)):
-    w, dy = rng.normal(size=(i, o)).astype(np.float32), rng.normal(size=(64, o)).astype(np.float32)
+  for batch, i, o in (((), 24, 8), ((), 24, 40), ((3,), 24, 8), ((3,), 24, 40)):  # (3,): attention's batch dims
+    x, w, dy = (rng.normal(size=(*batch, *shape)).astype(np.float32) for shape in ((64, i), (i, o), (64, o)))
     loss = lambda mm: jax.jit(jax.grad(lambda x, w: jnp.sum(mm(x, w) * dy), argnums=(0, 1)))
     dx, dw = loss(model_lib.matmul)(x, w)
-    np.testing.assert_allclose(model_lib.matmul(x, w), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx, dy.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw, x.T.astype(np.float64) @ dy, rtol=1e-5, atol=1e-5)
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+    np.testing.assert_allclose(model_lib.matmul(x, w), x64 @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dy64 @ np.swapaxes(w64, -1, -2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.swapaxes(x64, -1, -2) @ dy64, rtol=1e-5, atol=1e-5)
     plain_dx, plain_dw = loss(lambda x, w: x @ w)(x, w)
     np.testing.assert_array_equal(dx, plain_dx)
     np.testing.assert_array_equal(dw, plain_dw)
-    assert _dot_outputs(loss(model_lib.matmul), x, w) >= {f"f32[{min(i, o)},{max(i, o)}]"}
+    assert f"f32[{','.join(map(str, (*batch, min(i, o), max(i, o))))}]" in _dot_outputs(loss(model_lib.matmul), x, w)
 
   embed = model_lib.Embed(96, 24, dtype=jnp.float32)
   e = embed.init(jax.random.key(0), jnp.zeros((1,), jnp.int32))
   grad_e = jax.jit(jax.grad(lambda e, x: jnp.sum(embed.apply(e, x, method="attend") ** 2)))
-  dots = _dot_outputs(grad_e, e, x)
+  dots = _dot_outputs(grad_e, e, rng.normal(size=(64, 24)).astype(np.float32))
   assert "f32[24,96]" in dots and "f32[96,24]" not in dots, dots  # [D, V]: the shorter side as rows
 
 
