@@ -353,7 +353,7 @@ class Attention(nn.Module):
     n = c.query_blocks if kv is None and t % c.query_blocks == 0 else 1
     keys_BxSxKxE, values_BxSxKxE = k_BxSxKxE, v_BxSxKxE
     if kv is not None:  # the cache's keys and values first, as in the mask
-      keys_BxSxKxE, values_BxSxKxE = (jnp.concatenate([cached.astype(dt), new.astype(dt)], axis=1)
+      keys_BxSxKxE, values_BxSxKxE = (jnp.concatenate([cached.astype(dt), new], axis=1)
                                       for cached, new in zip(kv, (k_BxSxKxE, v_BxSxKxE)))
     out_BxTxKxGxE = einsum_attention(q_BxTxKxGxE, keys_BxSxKxE, values_BxSxKxE, mask_Bx1x1xTxS, dt, n)
     if kv is not None:
