@@ -179,16 +179,42 @@ def rope_frequencies(e: int, theta: float, scaling: tuple = ()):
   return inv_freq_E2
 
 
-def rope(x_BxTxNxE, positions_BxT, theta: float, scaling: tuple = ()):
-  """Rotary embedding, rotate-half convention (as Llama / Hugging Face), computed in float32."""
-  e = x_BxTxNxE.shape[-1]
+def rope_sin_cos(positions_BxT, e: int, theta: float, scaling: tuple = (), table_len: int = 0):
+  """sin and cos of RoPE's angles at these positions, [B, T, E/2] each, float32. With `table_len` P on a CPU
+  backend: looked up in tables of positions 0..P-1 when all positions fall there, else computed directly; the same
+  numbers either way.
+
+  Why tables on CPU: XLA:CPU counts sin and cos as cheap elementwise ops, so its fuser computes them again inside
+  every fusion that reads them, once per element of each layer's queries and keys, forward and backward (scalar
+  libm calls: 6-8% of the tiny and small steps). A lookup (a gather) and a conditional it keeps apart: the tables
+  are made once per forward, P x E/2 values, and the layers read them (bench/RESULTS.md, #19)."""
   inv_freq_E2 = rope_frequencies(e, theta, scaling)
-  angle_BxTxE2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_E2
-  sin, cos = jnp.sin(angle_BxTxE2)[:, :, None, :], jnp.cos(angle_BxTxE2)[:, :, None, :]
+
+  def direct(p_BxT):
+    angle_BxTxE2 = p_BxT[..., None].astype(jnp.float32) * inv_freq_E2
+    return jnp.sin(angle_BxTxE2), jnp.cos(angle_BxTxE2)
+
+  if not table_len or jax.default_backend() != "cpu":
+    return direct(positions_BxT)
+  sin_PxE2, cos_PxE2 = direct(jnp.arange(table_len))
+  in_tables = jnp.all((positions_BxT >= 0) & (positions_BxT < table_len))
+  return jax.lax.cond(in_tables, lambda p_BxT: (sin_PxE2[p_BxT], cos_PxE2[p_BxT]), direct, positions_BxT)
+
+
+def rotate(x_BxTxNxE, sin_BxTxE2, cos_BxTxE2):
+  """The rotary embedding of x by angles given as their sin and cos (rope_sin_cos), rotate-half convention (as
+  Llama / Hugging Face), computed in float32."""
+  e = x_BxTxNxE.shape[-1]
+  sin, cos = sin_BxTxE2[:, :, None, :], cos_BxTxE2[:, :, None, :]
   x = x_BxTxNxE.astype(jnp.float32)
   x1, x2 = x[..., : e // 2], x[..., e // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxNxE.dtype)
+
+
+def rope(x_BxTxNxE, positions_BxT, theta: float, scaling: tuple = ()):
+  """Rotary embedding of x [B, T, N, E] at these positions."""
+  return rotate(x_BxTxNxE, *rope_sin_cos(positions_BxT, x_BxTxNxE.shape[-1], theta, scaling))
 
 
 PREFIX_SEGMENT = -1  # the segment id of prefix slots in a cache: seen by every token
@@ -323,7 +349,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv=None):
+  def __call__(self, x_BxTxD, mask_Bx1x1xTxS, rotary, kv=None):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     d, h, k, e = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
     bias = 2 if c.qkv_bias else 0
@@ -331,8 +357,7 @@ class Attention(nn.Module):
     proj_kv = functools.partial(Projection, "btd,dke->btke", (d, k, e), ("embed", "kv_heads", "head_dim"), d, dt,
                                 bias)
     k_BxSxKxE, v_BxSxKxE = proj_kv(name="k")(x_BxTxD), proj_kv(name="v")(x_BxTxD)
-    q_BxTxHxE = rope(q_BxTxHxE, positions_BxT, c.rope_theta, c.rope_scaling)
-    k_BxSxKxE = rope(k_BxSxKxE, positions_BxT, c.rope_theta, c.rope_scaling)
+    q_BxTxHxE, k_BxSxKxE = rotate(q_BxTxHxE, *rotary), rotate(k_BxSxKxE, *rotary)
     # Keys and values whole along the sequence: with the queries split over mesh.context, each device gathers
     # the row's keys and values (this layer's, K/t heads) and its queries see all of them, exactly.
     k_BxSxKxE, v_BxSxKxE = (nn.with_logical_constraint(x, ("batch", None, "kv_heads", "head_dim"))
@@ -407,10 +432,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv=None):
+  def __call__(self, x_BxTxD, mask_Bx1x1xTxS, rotary, kv=None):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x_BxTxD)
-    attn_BxTxD, kv = Attention(c, name="attn")(h, mask_Bx1x1xTxS, positions_BxT, kv)
+    attn_BxTxD, kv = Attention(c, name="attn")(h, mask_Bx1x1xTxS, rotary, kv)
     x_BxTxD = x_BxTxD + attn_BxTxD
     h = RMSNorm(c.norm_eps, dt, name="mlp_norm")(x_BxTxD)
     x_BxTxD = x_BxTxD + MLP(c, name="mlp")(h)
@@ -447,6 +472,9 @@ class Transformer(nn.Module):
                   embedding_init=_param(_dense_init(c.d_model), ("vocab", "embed")))
     x_BxTxD = embed(tokens_BxT) if embeddings_BxTxD is None else embeddings_BxTxD.astype(dt)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    # RoPE's sin and cos once for all layers; positions index the keys: cache or prefix slots, then the new tokens
+    keys = t + (0 if kv is None else kv[0].shape[2])
+    rotary = rope_sin_cos(positions_BxT, c.head_dim, c.rope_theta, c.rope_scaling, table_len=keys)
 
     policy = REMAT_POLICIES[c.remat_policy]
     if c.scan_layers:
@@ -454,13 +482,13 @@ class Transformer(nn.Module):
       layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, kv = layers(c, name="layers")(x_BxTxD, mask_Bx1x1xTxS, positions_BxT, kv)
+      x_BxTxD, kv = layers(c, name="layers")(x_BxTxD, mask_Bx1x1xTxS, rotary, kv)
     else:
       block = Block if c.remat_policy == "none" else nn.remat(Block, policy=policy)
       new_kv = []
       for i in range(c.num_layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        x_BxTxD, layer_kv = block(c, name=f"layers_{i}")(x_BxTxD, mask_Bx1x1xTxS, positions_BxT, layer_kv)
+        x_BxTxD, layer_kv = block(c, name=f"layers_{i}")(x_BxTxD, mask_Bx1x1xTxS, rotary, layer_kv)
         new_kv.append(layer_kv)
       if kv is not None:
         kv = tuple(jnp.stack([layer_kv[j] for layer_kv in new_kv]) for j in range(2))

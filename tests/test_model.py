@@ -124,6 +124,29 @@ def test_rope_depends_only_on_relative_position():
   np.testing.assert_allclose(got, _np_rope(x, np.arange(5), 500.0), atol=1e-5)
 
 
+
+def test_rope_tables_give_the_direct_numbers_and_are_made_once_per_forward():
+  """sin and cos looked up in tables of positions 0..P-1 (CPU) are bit-equal to computing them; a position outside
+  the tables falls back to computing them; and the model makes them once, not in each layer."""
+  scaling = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+             ("original_max_position_embeddings", 16), ("rope_type", "llama3"))
+  both = jax.jit(lambda p: (model_lib.rope_sin_cos(p, 16, 500.0, scaling, table_len=8),
+                            model_lib.rope_sin_cos(p, 16, 500.0, scaling)))
+  positions = jnp.array([[0, 1, 2, 3], [5, 6, 7, 2]])
+  for p in (positions, positions.at[1, 3].set(1000), positions.at[0, 0].set(-1)):
+    looked_up, direct = both(p)
+    for got, want in zip(looked_up, direct):
+      np.testing.assert_array_equal(got, want)
+  angle = 1000 * np.asarray(model_lib.rope_frequencies(16, 500.0, scaling))
+  np.testing.assert_allclose(both(positions.at[1, 3].set(1000))[0][0][1, 3], np.sin(angle), atol=1e-4)
+
+  def sines(num_layers):
+    cfg = dataclasses.replace(CFG, num_layers=num_layers, scan_layers=False)
+    params = model_lib.init(cfg, jax.random.key(0))
+    loss = lambda params: jnp.sum(model_lib.forward(cfg, params, _tokens(1)) ** 2)
+    return jax.jit(jax.grad(loss)).lower(params).compile().as_text().count(" sine(")
+  assert sines(1) == sines(3) <= 2
+
 def _unscan(p, num_layers):
   out = {k: v for k, v in p.items() if k != "layers"}
   for i in range(num_layers):
