@@ -5,7 +5,8 @@
 # This workplace's lent H200 has Python 3.12 with jax and jax-cuda13 0.11.2, flax, optax, orbax-checkpoint,
 # sentencepiece, numpy and matplotlib, and reaches no package index. Of what jaxllm imports it lacks grain (with
 # array_record and portpicker, which grain imports), ml_collections, chatterbot-corpus (the SFT data module's
-# default corpus) and tensorboardX (jaxllm.metrics). The pins are constraints.txt's, the versions CI tests. Run this here, then carry .whl with the run: run(command="bash bench/gpu.sh", carry=[".whl"]).
+# default corpus) and tensorboardX (jaxllm.metrics). The pins are constraints.txt's, the versions CI tests. Run
+# this here, then carry .whl with the run: run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=560).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-3.12}

@@ -100,3 +100,37 @@ def test_jaxllm_commands_relaunch_with_huge_pages_for_glibc_malloc():
   assert float(_run(_FAULTS, GLIBC_TUNABLES=jaxllm.HUGEPAGES)[0]) < 65536 / 16
   if "[madvise]" in thp:  # the reference: glibc's defaults fault every 4 KiB page in on every call
     assert float(_run(_FAULTS)[0]) == pytest.approx(65536, rel=0.05)
+
+
+# Of jaxllm's install requirements, those the image of this workplace's lent GPU machine holds (its package list,
+# read 2026-11-17: JAX 0.11.2 with jax-cuda13, flax, optax, orbax-checkpoint, ...). That machine reaches no package
+# index, so bench/gpu_wheels.sh brings the others there as wheels.
+GPU_IMAGE = {"jax", "flax", "optax", "orbax-checkpoint", "sentencepiece", "matplotlib", "pyyaml", "absl-py", "numpy",
+             "ml-dtypes"}
+
+
+def test_the_gpu_run_has_every_install_requirement_on_a_machine_without_network():
+  """bench/gpu.sh (#19 item 6) runs from the checkout with the machine's own packages and installs .whl/: each
+  install requirement is on the GPU image or among the wheels bench/gpu_wheels.sh fetches, pinned."""
+  script = open(os.path.join(ROOT, "bench", "gpu_wheels.sh")).read()
+  wheels = {_name(n) for n in re.search(r"\nfor name in ([^;]+); do\n", script).group(1).split()}
+  pinned = {_name(line) for line in open(os.path.join(ROOT, "constraints.txt")) if not line.startswith("#")}
+  required = {_name(r) for r in importlib.metadata.requires("jaxllm") if "extra ==" not in r}
+  assert required - GPU_IMAGE - wheels == set(), "add them to bench/gpu_wheels.sh (or to GPU_IMAGE if it has them)"
+  assert wheels <= pinned
+
+
+def test_gpu_sh_smoke_runs_from_the_checkout_and_copies_its_log_to_out(tmp_path):
+  """bash bench/gpu.sh --smoke (CPU, tiny shapes, one row): it runs bench/gpu.py from the checkout with PYTHONPATH,
+  prints the table, writes nothing to bench/RESULTS.md, and copies its log and RESULTS.md to $OUT."""
+  results = os.path.join(ROOT, "bench", "RESULTS.md")
+  before = open(results).read()
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  out = subprocess.run(["bash", "bench/gpu.sh", "--smoke", "--rows", "pretrain"], cwd=ROOT, capture_output=True,
+                       text=True, env={**env, "OUT": str(tmp_path)}, timeout=300)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  row = r"^\| pretrain \| tiny \| float32, none, einsum \| 4 x 128 \| [\d,]+ \|"
+  assert re.search(row, out.stdout, re.M), out.stdout
+  assert "not written to bench/RESULTS.md" in out.stdout and open(results).read() == before
+  assert "| pretrain | tiny |" in (tmp_path / "gpu.log").read_text()
+  assert (tmp_path / "RESULTS.md").read_text() == before
