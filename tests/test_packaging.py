@@ -126,8 +126,9 @@ def test_gpu_sh_smoke_runs_from_the_checkout_and_copies_its_log_to_out(tmp_path)
   results = os.path.join(ROOT, "bench", "RESULTS.md")
   before = open(results).read()
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(OUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))  # python3
   out = subprocess.run(["bash", "bench/gpu.sh", "--smoke", "--rows", "pretrain"], cwd=ROOT, capture_output=True,
-                       text=True, env={**env, "OUT": str(tmp_path)}, timeout=300)
+                       text=True, env=env, timeout=300)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
   row = r"^\| pretrain \| tiny \| float32, none, einsum \| 4 x 128 \| [\d,]+ \|"
   assert re.search(row, out.stdout, re.M), out.stdout
