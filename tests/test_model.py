@@ -124,7 +124,6 @@ def test_rope_depends_only_on_relative_position():
   np.testing.assert_allclose(got, _np_rope(x, np.arange(5), 500.0), atol=1e-5)
 
 
-
 def test_rope_tables_give_the_direct_numbers_and_are_made_once_per_forward():
   """sin and cos looked up in tables of positions 0..P-1 (CPU) are bit-equal to computing them; a position outside
   the tables falls back to computing them; and the model makes them once, not in each layer."""
@@ -146,6 +145,7 @@ def test_rope_tables_give_the_direct_numbers_and_are_made_once_per_forward():
     loss = lambda params: jnp.sum(model_lib.forward(cfg, params, _tokens(1)) ** 2)
     return jax.jit(jax.grad(loss)).lower(params).compile().as_text().count(" sine(")
   assert sines(1) == sines(3) <= 2
+
 
 def _unscan(p, num_layers):
   out = {k: v for k, v in p.items() if k != "layers"}
